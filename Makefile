@@ -1,0 +1,39 @@
+# The two commands: `make run` serves the API, `make test` runs every check. Both build the
+# virtual environment from the lock file first. Needs only Python 3.11+ and make.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint unit lock clean
+
+run: $(STAMP)
+	$(BIN)/python -m service
+
+test: lint unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict service
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest
+
+$(STAMP): requirements-dev.lock
+	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements-dev.lock
+	touch $(STAMP)
+
+# Re-pin after editing pyproject.toml's dependencies (uv resolves; pip installs).
+lock: $(STAMP)
+	$(BIN)/python -m pip install --quiet uv==0.13.9
+	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
+		--no-header --quiet -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra embedded --extra dev --universal \
+		--python-version 3.11 --generate-hashes --no-header --quiet -o requirements-dev.lock
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

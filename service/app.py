@@ -1,0 +1,80 @@
+"""The application factory: routes, the engine's lifespan, error handlers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from service import __version__
+from service.auth import token_digests
+from service.config import Settings, describe_database, load_settings
+from service.db import create_engine, provide_db_session, provide_read_session, session_factories
+from service.errors import handle_database_error, handle_http_exception, handle_internal_error
+from service.health import get_liveness, get_readiness
+from service.routes import create_items, delete_item, get_item, list_items, update_values
+
+log = logging.getLogger("service.app")
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the app; with no settings, read them from the environment and `.env`."""
+    settings = settings if settings is not None else load_settings()
+
+    @asynccontextmanager
+    async def engine_lifespan(app: Litestar) -> AsyncIterator[None]:
+        engine = create_engine(settings)
+        app.state.engine = engine
+        app.state.write_sessions, app.state.read_sessions = session_factories(engine, settings)
+        log.info("using database %s", describe_database(engine.url))
+        if settings.auth_disabled:
+            log.warning("AUTH_DISABLED: writes are open to anyone who can reach this service")
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    return Litestar(
+        route_handlers=[
+            list_items,
+            get_item,
+            create_items,
+            update_values,
+            delete_item,
+            get_liveness,
+            get_readiness,
+        ],
+        dependencies={
+            "db_session": Provide(provide_db_session),
+            "read_session": Provide(provide_read_session),
+        },
+        lifespan=[engine_lifespan],
+        state=State(
+            {
+                "settings": settings,
+                "token_digests": token_digests(settings.api_tokens),
+                "draining": False,
+            }
+        ),
+        exception_handlers={
+            HTTPException: handle_http_exception,
+            DBAPIError: handle_database_error,
+            PoolTimeoutError: handle_database_error,
+            OSError: handle_database_error,
+            Exception: handle_internal_error,
+        },
+        request_max_body_size=settings.max_body_bytes,
+        # Logging is configured once by the command line (service.logs), not per app.
+        logging_config=None,
+        openapi_config=OpenAPIConfig(
+            title="playing_with_neon items", version=__version__, path="/schema"
+        ),
+    )

@@ -1,0 +1,48 @@
+"""Guards for the write endpoints: a bearer token, and a JSON body."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from service.errors import ProblemException
+
+
+def token_digests(tokens: tuple[str, ...]) -> tuple[bytes, ...]:
+    """Digests of the accepted tokens; comparing digests takes the same time for any length."""
+    return tuple(hashlib.sha256(token.encode()).digest() for token in tokens)
+
+
+def require_token(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Let the request through only with `Authorization: Bearer <one of API_TOKENS>`."""
+    if connection.app.state.settings.auth_disabled:
+        return
+    scheme, _sep, token = connection.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _unauthorized("a bearer token is required for writes")
+    offered = hashlib.sha256(token.strip().encode()).digest()
+    matched = False
+    # Every accepted token is compared, so the time taken does not tell which one came close.
+    for accepted in connection.app.state.token_digests:
+        matched |= hmac.compare_digest(offered, accepted)
+    if not matched:
+        raise _unauthorized("the bearer token is not valid")
+
+
+def require_json(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Refuse a body that does not say it is JSON before it is read."""
+    media_type = connection.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise ProblemException(
+            415, "the request body must be JSON (Content-Type: application/json)"
+        )
+
+
+def _unauthorized(detail: str) -> ProblemException:
+    exc = ProblemException(401, detail)
+    exc.headers = {"WWW-Authenticate": 'Bearer realm="items"'}
+    return exc

@@ -1,0 +1,114 @@
+"""Command line: `python -m service` serves the API; `python -m service migrate` migrates."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+
+import uvicorn
+from sqlalchemy.engine import URL
+
+from service.config import Settings, SettingsError, describe_database, load_settings
+from service.db import create_engine
+from service.embedded import EmbeddedDatabase, start_embedded_database
+from service.logs import configure_logging, logging_config
+from service.migrate import upgrade_to_head
+from service.seed import seed_notebook_rows
+
+log = logging.getLogger("service.cli")
+
+# Seconds uvicorn waits for in-flight requests after SIGTERM before closing them.
+GRACEFUL_SHUTDOWN_SECONDS = 20
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, load the settings, run the command; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", help="serve the HTTP API with uvicorn (the default)")
+    commands.add_parser("migrate", help="apply the database migrations, then exit")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        if args.command == "migrate":
+            return migrate(settings)
+        return serve(settings)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def migrate(settings: Settings) -> int:
+    """Apply the migrations to the configured (or embedded) database."""
+    settings, _embedded = with_database(settings)
+    upgrade_to_head(settings)
+    log.info("migrations applied to %s", describe_database(embedded_or_configured_url(settings)))
+    return 0
+
+
+def serve(settings: Settings) -> int:
+    """Serve the API; on the embedded database, migrate and seed it first."""
+    settings, embedded = with_database(settings)
+    if embedded is not None:
+        upgrade_to_head(settings)
+        if embedded.created and asyncio.run(seed_embedded(settings)):
+            log.info("seeded the notebook's rows into the new embedded database")
+        # Worker processes read their settings from the environment: point them at this server.
+        os.environ["DATABASE_URL"] = embedded.url.render_as_string(hide_password=False)
+        if settings.auth_disabled and not settings.api_tokens:
+            os.environ["AUTH_DISABLED"] = "true"
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        log_config=logging_config(settings.log_level),
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+    return 0
+
+
+def with_database(settings: Settings) -> tuple[Settings, EmbeddedDatabase | None]:
+    """The settings unchanged when a database is configured, else pointed at the embedded one."""
+    if not settings.uses_embedded_database:
+        return settings, None
+    embedded = start_embedded_database(settings.embedded_db_dir)
+    auth_disabled = settings.auth_disabled
+    if not settings.api_tokens and not auth_disabled:
+        log.warning(
+            "API_TOKENS is empty: writes are open, which is allowed only on the embedded "
+            "development database"
+        )
+        auth_disabled = True
+    settings = dataclasses.replace(settings, database_url=embedded.url, auth_disabled=auth_disabled)
+    return settings, embedded
+
+
+def embedded_or_configured_url(settings: Settings) -> URL:
+    """The database URL once `with_database` has filled it in."""
+    if settings.database_url is None:
+        raise RuntimeError("no database URL")
+    return settings.database_url
+
+
+async def seed_embedded(settings: Settings) -> bool:
+    """Put the notebook's rows into the embedded database's empty table."""
+    engine = create_engine(settings)
+    try:
+        return await seed_notebook_rows(engine)
+    finally:
+        await engine.dispose()

@@ -1,0 +1,169 @@
+"""The item endpoints: small handlers around the statements in `service.queries`."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Annotated
+
+from litestar import delete, get, patch, post
+from litestar.datastructures import State
+from litestar.exceptions import ValidationException
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service import queries
+from service.auth import require_json, require_token
+from service.errors import ProblemException
+from service.schemas import (
+    INT4_MAX,
+    CreatedItems,
+    Item,
+    ItemPage,
+    NewItem,
+    Problem,
+    UpdateResult,
+    ValueUpdate,
+)
+
+PROBLEM = ResponseSpec(
+    Problem, description="Problem document", media_type="application/problem+json"
+)
+READ_ERRORS = {400: PROBLEM, 503: PROBLEM}
+WRITE_ERRORS = {401: PROBLEM, 413: PROBLEM, 415: PROBLEM, 422: PROBLEM, 503: PROBLEM}
+
+
+@get("/items", responses=READ_ERRORS)
+async def list_items(
+    read_session: AsyncSession,
+    min_value: Annotated[
+        float | None, Parameter(description="Only rows whose value is greater than this.")
+    ] = None,
+    limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size.")] = 100,
+    after_id: Annotated[
+        int, Parameter(ge=0, le=INT4_MAX, description="Keyset cursor: rows with a larger id.")
+    ] = 0,
+) -> ItemPage:
+    """Rows in id order, optionally only those whose value is above `min_value`."""
+    params: dict[str, object] = {"after_id": after_id, "limit": limit}
+    if min_value is None:
+        result = await read_session.execute(queries.SELECT_ITEMS, params)
+    else:
+        if not math.isfinite(min_value):
+            raise _bad_parameter("min_value", "must be a finite number")
+        params["value"] = min_value
+        result = await read_session.execute(queries.SELECT_ITEMS_ABOVE_VALUE, params)
+    items = [Item(id=row[0], name=row[1], value=row[2]) for row in result]
+    return ItemPage(items=items, next_after_id=items[-1].id if len(items) == limit else None)
+
+
+@get("/items/{item_id:int}", responses={404: PROBLEM, 503: PROBLEM})
+async def get_item(read_session: AsyncSession, item_id: int) -> Item:
+    """One row by id."""
+    row = None
+    if 1 <= item_id <= INT4_MAX:
+        row = (await read_session.execute(queries.SELECT_ITEM, {"id": item_id})).first()
+    if row is None:
+        raise ProblemException(404, f"no item with id {item_id}")
+    return Item(id=row[0], name=row[1], value=row[2])
+
+
+@post(
+    "/items",
+    guards=[require_token, require_json],
+    responses=WRITE_ERRORS,
+    description="Inserts all rows in one transaction; answers them with their new ids.",
+)
+async def create_items(db_session: AsyncSession, state: State, data: list[NewItem]) -> CreatedItems:
+    """Insert a batch of rows."""
+    _check_batch_size(len(data), state.settings.max_batch)
+    _check_names(data)
+    params = {"names": [item.name for item in data], "values": [item.value for item in data]}
+    result = await db_session.execute(queries.INSERT_ITEMS, params)
+    rows = sorted(result.all())
+    await db_session.commit()
+    return CreatedItems(items=[Item(id=row[0], name=row[1], value=row[2]) for row in rows])
+
+
+@patch(
+    "/items",
+    guards=[require_token, require_json],
+    responses={**WRITE_ERRORS, 404: PROBLEM, 409: PROBLEM},
+    description=(
+        "Applies every new value in one transaction, all or nothing: if any id is missing,"
+        " nothing changes and the answer is 404 with `missing_ids`."
+    ),
+)
+async def update_values(
+    db_session: AsyncSession, state: State, data: list[ValueUpdate]
+) -> UpdateResult:
+    """Set new values on existing rows, as one batched UPDATE."""
+    _check_batch_size(len(data), state.settings.max_batch)
+    updates = sorted(data, key=lambda update: update.id)
+    _check_unique_ids(updates)
+    ids = [update.id for update in updates]
+    locked = (await db_session.execute(queries.LOCK_ITEMS_FOR_UPDATE, {"ids": ids})).scalars()
+    missing = sorted(set(ids).difference(locked))
+    if missing:
+        await db_session.rollback()
+        raise ProblemException(
+            404, "some ids do not exist; nothing was changed", missing_ids=missing
+        )
+    params = [{"id": update.id, "value": update.value} for update in updates]
+    await db_session.execute(queries.UPDATE_ITEM_VALUE, params)
+    await db_session.commit()
+    return UpdateResult(updated=len(params))
+
+
+@delete("/items/{item_id:int}", guards=[require_token], responses={401: PROBLEM, 404: PROBLEM})
+async def delete_item(db_session: AsyncSession, item_id: int) -> None:
+    """Delete one row by id."""
+    deleted = None
+    if 1 <= item_id <= INT4_MAX:
+        result = await db_session.execute(queries.DELETE_ITEM, {"id": item_id})
+        deleted = result.scalar_one_or_none()
+        await db_session.commit()
+    if deleted is None:
+        raise ProblemException(404, f"no item with id {item_id}")
+
+
+def _check_batch_size(size: int, max_batch: int) -> None:
+    if not 1 <= size <= max_batch:
+        raise ProblemException(
+            422,
+            f"a batch holds 1 to {max_batch} entries; this one holds {size}",
+            errors=[{"message": "batch size out of range", "key": "$", "source": "body"}],
+        )
+
+
+def _check_unique_ids(updates: list[ValueUpdate]) -> None:
+    duplicates = sorted({a.id for a, b in itertools.pairwise(updates) if a.id == b.id})
+    if duplicates:
+        raise ProblemException(
+            422,
+            f"each id may appear once per batch; repeated: {', '.join(map(str, duplicates))}",
+            errors=[
+                {"message": "duplicate id", "key": str(i), "source": "body"} for i in duplicates
+            ],
+        )
+
+
+def _check_names(items: list[NewItem]) -> None:
+    # PostgreSQL text cannot hold U+0000; refuse it here rather than fail in the database.
+    bad = [i for i, item in enumerate(items) if "\x00" in item.name]
+    if bad:
+        raise ProblemException(
+            422,
+            "a name may not contain the NUL character (U+0000)",
+            errors=[
+                {"message": "NUL in name", "key": f"$[{i}].name", "source": "body"} for i in bad
+            ],
+        )
+
+
+def _bad_parameter(name: str, problem: str) -> ValidationException:
+    return ValidationException(
+        detail=f"invalid query parameter {name}",
+        extra=[{"message": problem, "key": name, "source": "query"}],
+    )
