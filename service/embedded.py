@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,10 @@ def start_embedded_database(data_dir: Path) -> EmbeddedDatabase:
     data_dir = data_dir.resolve()
     created = not (data_dir / "PG_VERSION").exists()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    server = get_server(data_dir, cleanup_mode="stop")
+    with warnings.catch_warnings():
+        # pgserver keeps a lock file in the runtime dir and warns when XDG_RUNTIME_DIR is unset.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        server = get_server(data_dir, cleanup_mode="stop")
     # get_uri() is postgresql://postgres:@/postgres?host=<socket dir>; no password is involved.
     url = make_url(server.get_uri()).set(drivername="postgresql+asyncpg", password=None)
     log.info("embedded PostgreSQL %s in %s", "created" if created else "started", data_dir)

@@ -95,8 +95,12 @@ def _validation_problem(exc: ValidationException) -> Response[Any]:
     errors = exc.extra if isinstance(exc.extra, list) else []
     from_body = any(isinstance(e, dict) and e.get("source") == "body" for e in errors)
     if from_body:
-        messages = "; ".join(str(e.get("message")) for e in errors)
-        return problem_response(422, f"the request body is invalid: {messages}", errors=errors)
+        # Litestar keeps only the message; msgspec's own error (the cause) also says where:
+        # "Expected `int` >= 1 - at `$.data[3].id`". The body is the handler's `data`, so "$".
+        cause = str(exc.__cause__ or "") or "; ".join(str(e.get("message")) for e in errors)
+        where = cause.replace("`$.data", "`$")
+        entries = [{"message": where, "source": "body"}]
+        return problem_response(422, f"the request body is invalid: {where}", errors=entries)
     names = [str(e["key"]) for e in errors if isinstance(e, dict) and e.get("key")]
     if names:
         detail = f"invalid query or path parameter: {', '.join(sorted(set(names)))}"

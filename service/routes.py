@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
-from litestar import delete, get, patch, post
+import msgspec
+from litestar import Request, delete, get, patch, post
 from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import queries
@@ -27,6 +29,8 @@ from service.schemas import (
     ValueUpdate,
 )
 
+T = TypeVar("T")
+
 PROBLEM = ResponseSpec(
     Problem, description="Problem document", media_type="application/problem+json"
 )
@@ -36,13 +40,13 @@ WRITE_ERRORS = {401: PROBLEM, 413: PROBLEM, 415: PROBLEM, 422: PROBLEM, 503: PRO
 
 @get("/items", responses=READ_ERRORS)
 async def list_items(
-    read_session: AsyncSession,
+    read_session: NamedDependency[AsyncSession],
     min_value: Annotated[
-        float | None, Parameter(description="Only rows whose value is greater than this.")
+        float | None, QueryParameter(description="Only rows whose value is greater than this.")
     ] = None,
-    limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size.")] = 100,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000, description="Page size.")] = 100,
     after_id: Annotated[
-        int, Parameter(ge=0, le=INT4_MAX, description="Keyset cursor: rows with a larger id.")
+        int, QueryParameter(ge=0, le=INT4_MAX, description="Keyset cursor: rows with a larger id.")
     ] = 0,
 ) -> ItemPage:
     """Rows in id order, optionally only those whose value is above `min_value`."""
@@ -59,7 +63,7 @@ async def list_items(
 
 
 @get("/items/{item_id:int}", responses={404: PROBLEM, 503: PROBLEM})
-async def get_item(read_session: AsyncSession, item_id: int) -> Item:
+async def get_item(read_session: NamedDependency[AsyncSession], item_id: FromPath[int]) -> Item:
     """One row by id."""
     row = None
     if 1 <= item_id <= INT4_MAX:
@@ -75,8 +79,14 @@ async def get_item(read_session: AsyncSession, item_id: int) -> Item:
     responses=WRITE_ERRORS,
     description="Inserts all rows in one transaction; answers them with their new ids.",
 )
-async def create_items(db_session: AsyncSession, state: State, data: list[NewItem]) -> CreatedItems:
+async def create_items(
+    db_session: NamedDependency[AsyncSession],
+    state: State,
+    request: Request[Any, Any, Any],
+    data: JSONBody[list[NewItem]],
+) -> CreatedItems:
     """Insert a batch of rows."""
+    data = await strict_body(request, list[NewItem])
     _check_batch_size(len(data), state.settings.max_batch)
     _check_names(data)
     params = {"names": [item.name for item in data], "values": [item.value for item in data]}
@@ -96,9 +106,13 @@ async def create_items(db_session: AsyncSession, state: State, data: list[NewIte
     ),
 )
 async def update_values(
-    db_session: AsyncSession, state: State, data: list[ValueUpdate]
+    db_session: NamedDependency[AsyncSession],
+    state: State,
+    request: Request[Any, Any, Any],
+    data: JSONBody[list[ValueUpdate]],
 ) -> UpdateResult:
     """Set new values on existing rows, as one batched UPDATE."""
+    data = await strict_body(request, list[ValueUpdate])
     _check_batch_size(len(data), state.settings.max_batch)
     updates = sorted(data, key=lambda update: update.id)
     _check_unique_ids(updates)
@@ -117,7 +131,7 @@ async def update_values(
 
 
 @delete("/items/{item_id:int}", guards=[require_token], responses={401: PROBLEM, 404: PROBLEM})
-async def delete_item(db_session: AsyncSession, item_id: int) -> None:
+async def delete_item(db_session: NamedDependency[AsyncSession], item_id: FromPath[int]) -> None:
     """Delete one row by id."""
     deleted = None
     if 1 <= item_id <= INT4_MAX:
@@ -126,6 +140,22 @@ async def delete_item(db_session: AsyncSession, item_id: int) -> None:
         await db_session.commit()
     if deleted is None:
         raise ProblemException(404, f"no item with id {item_id}")
+
+
+async def strict_body(request: Request[Any, Any, Any], shape: type[T]) -> T:
+    """The JSON body decoded strictly: "5" is not an id and "1.5" is not a value.
+
+    Litestar has already parsed `data` (which also gives the OpenAPI document its request body),
+    but it coerces strings to numbers; the body it read is cached, so decoding again is cheap.
+    """
+    try:
+        return msgspec.json.decode(await request.body(), type=shape, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ProblemException(
+            422,
+            f"the request body is invalid: {exc}",
+            errors=[{"message": str(exc), "source": "body"}],
+        ) from None
 
 
 def _check_batch_size(size: int, max_batch: int) -> None:
