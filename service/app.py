@@ -10,6 +10,7 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -20,7 +21,10 @@ from service.config import Settings, describe_database, load_settings
 from service.db import create_engine, provide_db_session, provide_read_session, session_factories
 from service.errors import handle_database_error, handle_http_exception, handle_internal_error
 from service.health import get_liveness, get_readiness
+from service.metrics import Metrics, get_metrics
+from service.middleware import ObserveRequests, add_response_headers
 from service.routes import create_items, delete_item, get_item, list_items, update_values
+from service.shutdown import drain_on_sigterm
 
 log = logging.getLogger("service.app")
 
@@ -28,6 +32,15 @@ log = logging.getLogger("service.app")
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the app; with no settings, read them from the environment and `.env`."""
     settings = settings if settings is not None else load_settings()
+    state = State(
+        {
+            "settings": settings,
+            "token_digests": token_digests(settings.api_tokens),
+            "draining": False,
+        }
+    )
+    metrics = Metrics(state)
+    state.metrics = metrics
 
     @asynccontextmanager
     async def engine_lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -37,9 +50,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         log.info("using database %s", describe_database(engine.url))
         if settings.auth_disabled:
             log.warning("AUTH_DISABLED: writes are open to anyone who can reach this service")
+        stop_watching = drain_on_sigterm(app.state, settings.shutdown_delay_seconds)
         try:
             yield
         finally:
+            stop_watching()
             await engine.dispose()
 
     return Litestar(
@@ -51,19 +66,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
             delete_item,
             get_liveness,
             get_readiness,
+            get_metrics,
         ],
         dependencies={
             "db_session": Provide(provide_db_session),
             "read_session": Provide(provide_read_session),
         },
         lifespan=[engine_lifespan],
-        state=State(
-            {
-                "settings": settings,
-                "token_digests": token_digests(settings.api_tokens),
-                "draining": False,
-            }
-        ),
+        state=state,
+        middleware=[DefineMiddleware(ObserveRequests, metrics=metrics)],
+        before_send=[add_response_headers],
         exception_handlers={
             HTTPException: handle_http_exception,
             DBAPIError: handle_database_error,

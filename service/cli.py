@@ -1,4 +1,4 @@
-"""Command line: `python -m service` serves the API; `python -m service migrate` migrates."""
+"""Command line: `python -m service` serves the API; `migrate` migrates; `seed` adds demo rows."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import sys
 
 import uvicorn
@@ -17,7 +18,7 @@ from service.db import create_engine
 from service.embedded import EmbeddedDatabase, start_embedded_database
 from service.logs import configure_logging, logging_config
 from service.migrate import upgrade_to_head
-from service.seed import seed_notebook_rows
+from service.seed import seed_demo_rows, seed_notebook_rows
 
 log = logging.getLogger("service.cli")
 
@@ -31,16 +32,23 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="serve the HTTP API with uvicorn (the default)")
     commands.add_parser("migrate", help="apply the database migrations, then exit")
+    seed_parser = commands.add_parser("seed", help="fill an empty table with demo rows, then exit")
+    seed_parser.add_argument("--rows", type=int, required=True, help="how many rows (ids 1..N)")
+    seed_parser.add_argument(
+        "--force", action="store_true", help="delete every row first (TRUNCATE … RESTART IDENTITY)"
+    )
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         if args.command == "migrate":
             return migrate(settings)
+        if args.command == "seed":
+            return seed(settings, args.rows, args.force)
         return serve(settings)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -55,6 +63,27 @@ def migrate(settings: Settings) -> int:
     return 0
 
 
+def seed(settings: Settings, rows: int, force: bool) -> int:
+    """Fill the table with demo rows 1..rows; an embedded database is migrated first."""
+    settings, embedded = with_database(settings)
+    if embedded is not None:
+        upgrade_to_head(settings)
+
+    async def seed_rows() -> int:
+        engine = create_engine(settings)
+        try:
+            return await seed_demo_rows(engine, rows, force=force)
+        finally:
+            await engine.dispose()
+
+    removed = asyncio.run(seed_rows())
+    if force:
+        log.info("--force: TRUNCATE … RESTART IDENTITY deleted %d rows first", removed)
+    where = describe_database(embedded_or_configured_url(settings))
+    log.info("seeded %d demo rows (ids 1..%d) into %s", rows, rows, where)
+    return 0
+
+
 def serve(settings: Settings) -> int:
     """Serve the API; on the embedded database, migrate and seed it first."""
     settings, embedded = with_database(settings)
@@ -66,6 +95,9 @@ def serve(settings: Settings) -> int:
         os.environ["DATABASE_URL"] = embedded.url.render_as_string(hide_password=False)
         if settings.auth_disabled and not settings.api_tokens:
             os.environ["AUTH_DISABLED"] = "true"
+    # uvicorn re-raises SIGTERM after its graceful shutdown, which would end the process with
+    # status -15; a finished drain is a clean exit, so the re-raised signal lands here instead.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(
         "service.app:create_app",
         factory=True,
@@ -74,7 +106,7 @@ def serve(settings: Settings) -> int:
         workers=settings.workers,
         loop="uvloop",
         http="httptools",
-        log_config=logging_config(settings.log_level),
+        log_config=logging_config(settings.log_level, settings.log_format),
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,

@@ -18,6 +18,7 @@ from sqlalchemy.exc import ArgumentError
 
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 CHANNEL_BINDINGS = ("disable", "prefer", "require")
+LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 POSTGRES_DRIVERNAMES = (
     "postgres",
@@ -79,9 +80,13 @@ class Settings:
     # Address and port uvicorn binds to.
     host: str = "127.0.0.1"
     port: int = 8000
+    # Seconds between SIGTERM and the start of the drain, while /readyz already answers 503.
+    shutdown_delay_seconds: float = 2.0
     # uvicorn worker processes.
     workers: int = 1
     log_level: str = "INFO"
+    # "json": one JSON object per line, for log collectors; "console": plain text for people.
+    log_format: str = "json"
     # Data folder of the embedded development database.
     embedded_db_dir: Path = Path(".data/postgres")
 
@@ -136,8 +141,10 @@ def load_settings(
         max_body_bytes=_int(get, "MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
         host=get("HOST") or "127.0.0.1",
         port=_int(get, "PORT", 8000, minimum=1, maximum=65535),
+        shutdown_delay_seconds=_float(get, "SHUTDOWN_DELAY_SECONDS", 2.0, minimum=0.0),
         workers=_int(get, "WORKERS", 1, minimum=1, maximum=64),
         log_level=_choice(get, "LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
+        log_format=_choice(get, "LOG_FORMAT", "json", LOG_FORMATS, upper=False),
         embedded_db_dir=Path(get("EMBEDDED_DB_DIR") or ".data/postgres"),
     )
     if not api_tokens and not auth_disabled and not settings.uses_embedded_database:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from uuid import uuid4
@@ -109,10 +110,19 @@ def session_factories(
 async def provide_db_session(state: State) -> AsyncIterator[AsyncSession]:
     """A request's transactional session; handlers commit explicitly, anything else rolls back."""
     async with state.write_sessions() as session:
+        await _check_out_connection(session, state)
         yield session
 
 
 async def provide_read_session(state: State) -> AsyncIterator[AsyncSession]:
     """A request's session for a single read statement."""
     async with state.read_sessions() as session:
+        await _check_out_connection(session, state)
         yield session
+
+
+async def _check_out_connection(session: AsyncSession, state: State) -> None:
+    """Take the pool connection now, to time the wait; no round trip (no pre-ping, lazy BEGIN)."""
+    started = time.perf_counter()
+    await session.connection()
+    state.metrics.pool_wait.observe(time.perf_counter() - started)

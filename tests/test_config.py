@@ -1,0 +1,212 @@
+"""Settings parsing: the URLs and keys people paste, precedence, validation, password masking."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+
+from service.config import Settings, SettingsError, describe_database, load_settings
+from service.db import engine_options, ssl_connect_arg
+
+TOKENS = {"API_TOKENS": "a-token-of-sixteen-chars"}
+
+
+def settings_from(env: dict[str, str], env_file: Path | None = None) -> Settings:
+    return load_settings(environ={**TOKENS, **env}, env_file=env_file)
+
+
+def test_neon_url_is_normalised_for_asyncpg() -> None:
+    settings = settings_from(
+        {
+            "DATABASE_URL": "postgresql://alex:AbC123dEf@ep-cool-darkness-123456.us-east-2"
+            ".aws.neon.tech/dbname?sslmode=require&channel_binding=require"
+        }
+    )
+    url = settings.database_url
+    assert url is not None
+    assert url.drivername == "postgresql+asyncpg"
+    assert url.host == "ep-cool-darkness-123456.us-east-2.aws.neon.tech"
+    assert url.username == "alex" and url.password == "AbC123dEf"
+    assert url.database == "dbname"
+    # asyncpg.connect rejects sslmode and channel_binding as keywords: they leave the URL.
+    assert dict(url.query) == {}
+    assert settings.db_sslmode == "require"
+    assert settings.db_channel_binding == "require"
+    assert engine_options(settings)["connect_args"]["ssl"] == "require"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "postgres://u:p@db.example.com:6543/app",
+        "postgresql://u:p@db.example.com:6543/app",
+        "postgresql+asyncpg://u:p@db.example.com:6543/app",
+        "postgresql+psycopg://u:p@db.example.com:6543/app",
+    ],
+)
+def test_every_postgres_url_form_becomes_asyncpg(raw: str) -> None:
+    url = settings_from({"DATABASE_URL": raw}).database_url
+    assert url is not None
+    assert (url.drivername, url.host, url.port, url.database) == (
+        "postgresql+asyncpg",
+        "db.example.com",
+        6543,
+        "app",
+    )
+
+
+@pytest.mark.parametrize(
+    ("sslmode", "expected"),
+    [("disable", False), ("allow", "allow"), ("prefer", "prefer"), ("require", "require")],
+)
+def test_sslmode_is_translated(sslmode: str, expected: object) -> None:
+    assert ssl_connect_arg(sslmode, None) == expected
+
+
+def test_verify_full_builds_a_verifying_context() -> None:
+    context = ssl_connect_arg("verify-full", None)
+    assert isinstance(context, ssl.SSLContext)
+    assert context.check_hostname is True
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    context = ssl_connect_arg("verify-ca", "system")
+    assert isinstance(context, ssl.SSLContext)
+    assert context.check_hostname is False
+    assert context.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_sslrootcert_is_read_from_the_url(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"
+    settings = settings_from(
+        {"DATABASE_URL": f"postgresql://u:p@h/db?sslmode=verify-full&sslrootcert={missing}"}
+    )
+    assert settings.db_sslrootcert == str(missing)
+    with pytest.raises(FileNotFoundError):
+        engine_options(settings)  # the CA file is really opened, not ignored
+
+
+def test_seed_style_keys_build_the_url_with_special_characters_in_the_password() -> None:
+    password = "p@ss:w/rd?#%"
+    settings = load_settings(
+        environ={
+            "db_username": "neondb_owner",
+            "db_password": password,
+            "db_host": "ep-x.eu-central-1.aws.neon.tech",
+            "db_name": "neondb",
+            "db_sslmode": "require",
+            **TOKENS,
+        },
+        env_file=None,
+    )
+    url = settings.database_url
+    assert url is not None
+    assert url.password == password
+    assert url.username == "neondb_owner" and url.database == "neondb" and url.port == 5432
+    assert settings.db_sslmode == "require"
+    # The rendered URL must round-trip: that is what asyncpg receives.
+    from sqlalchemy.engine import make_url
+
+    assert make_url(url.render_as_string(hide_password=False)).password == password
+
+
+def test_seed_keys_accept_upper_case() -> None:
+    settings = settings_from(
+        {"DB_USERNAME": "u", "DB_PASSWORD": "x", "DB_HOST": "h", "DB_NAME": "d", "DB_PORT": "6432"}
+    )
+    assert settings.database_url is not None and settings.database_url.port == 6432
+
+
+def test_environment_wins_over_dotenv(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "DATABASE_URL=postgresql://u:p@from-dotenv/db\nDB_POOL_SIZE=3\nMAX_BATCH=7\n"
+    )
+    settings = settings_from({"MAX_BATCH": "9"}, env_file=env_file)
+    assert settings.database_url is not None and settings.database_url.host == "from-dotenv"
+    assert settings.db_pool_size == 3  # only in .env
+    assert settings.max_batch == 9  # in both: the environment wins
+
+
+def test_password_never_in_repr_or_str() -> None:
+    secret = "Sup3r-Secret-Pa55"
+    settings = settings_from({"DATABASE_URL": f"postgresql://u:{secret}@h/db"})
+    assert secret not in repr(settings)
+    assert secret not in str(settings)
+    assert "a-token-of-sixteen-chars" not in repr(settings)
+    assert settings.database_url is not None
+    assert secret not in describe_database(settings.database_url)
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"DB_POOL_SIZE": "ten"}, "DB_POOL_SIZE"),
+        ({"DB_POOL_SIZE": "0"}, "DB_POOL_SIZE"),
+        ({"DB_MAX_OVERFLOW": "-1"}, "DB_MAX_OVERFLOW"),
+        ({"DB_POOL_TIMEOUT": "soon"}, "DB_POOL_TIMEOUT"),
+        ({"DB_POOL_TIMEOUT": "inf"}, "DB_POOL_TIMEOUT"),
+        ({"DB_STATEMENT_TIMEOUT_MS": "1.5"}, "DB_STATEMENT_TIMEOUT_MS"),
+        ({"DB_PGBOUNCER": "maybe"}, "DB_PGBOUNCER"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"MAX_BATCH": "0"}, "MAX_BATCH"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"API_TOKENS": "short"}, "API_TOKENS"),
+        ({"DATABASE_URL": "mysql://u:p@h/db"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "not a url"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://u:p@h/"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://u:p@h/db?sslmode=sometimes"}, "DATABASE_URL sslmode"),
+        ({"DATABASE_URL": "postgresql://u:p@h/db?frobnicate=1"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://u:p@h/db", "db_host": "h"}, "DATABASE_URL"),
+        ({"db_host": "h", "db_name": "d"}, "db_username"),
+        ({"db_username": "u"}, "db_host"),
+        ({"db_host": "h", "db_username": "u", "db_name": "d", "db_sslmode": "x"}, "db_sslmode"),
+    ],
+)
+def test_bad_setting_names_its_key(env: dict[str, str], key: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        settings_from(env)
+    assert raised.value.key == key
+    assert str(raised.value).startswith(f"{key}: ")
+
+
+def test_bad_url_error_does_not_echo_the_password() -> None:
+    with pytest.raises(SettingsError) as raised:
+        settings_from({"DATABASE_URL": "mysql://u:Hunter2Hunter2@h/db"})
+    assert "Hunter2Hunter2" not in str(raised.value)
+
+
+def test_configured_database_without_tokens_refuses_to_start() -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(environ={"DATABASE_URL": "postgresql://u:p@h/db"}, env_file=None)
+    assert raised.value.key == "API_TOKENS"
+    settings = load_settings(
+        environ={"DATABASE_URL": "postgresql://u:p@h/db", "AUTH_DISABLED": "true"}, env_file=None
+    )
+    assert settings.auth_disabled
+
+
+def test_nothing_configured_means_the_embedded_database() -> None:
+    settings = load_settings(environ={}, env_file=None)
+    assert settings.uses_embedded_database
+    assert settings.api_tokens == ()
+
+
+def test_pgbouncer_mode_disables_statement_reuse() -> None:
+    settings = settings_from({"DATABASE_URL": "postgresql://u:p@h/db", "DB_PGBOUNCER": "true"})
+    connect_args = engine_options(settings)["connect_args"]
+    assert connect_args["statement_cache_size"] == 0
+    assert connect_args["prepared_statement_cache_size"] == 0
+    names = {connect_args["prepared_statement_name_func"]() for _ in range(3)}
+    assert len(names) == 3
+    assert "statement_timeout" not in connect_args["server_settings"]
+    assert connect_args["command_timeout"] == 5.0
+
+
+def test_statement_timeout_goes_to_the_server() -> None:
+    settings = settings_from(
+        {"DATABASE_URL": "postgresql://u:p@h/db", "DB_STATEMENT_TIMEOUT_MS": "250"}
+    )
+    options = engine_options(settings)
+    assert options["connect_args"]["server_settings"]["statement_timeout"] == "250"
+    assert options["pool_pre_ping"] is False

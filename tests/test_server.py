@@ -1,0 +1,105 @@
+"""The service as shipped (`python -m service`), as a real uvicorn process on a free port."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.engine import URL
+
+from tests.conftest import AUTH, PROJECT_ROOT, run_service, service_environment
+
+pytestmark = pytest.mark.slow
+
+
+def test_end_to_end_on_the_configured_database(
+    database_url: URL, notebook_rows: None, tmp_path: Path
+) -> None:
+    with run_service(service_environment(database_url), tmp_path) as service:
+        with httpx.Client(base_url=service.base_url, timeout=10) as http:
+            assert http.get("/readyz").status_code == 200
+            body = http.get("/items", params={"min_value": 23}).json()
+            assert [item["id"] for item in body["items"]] == [12, 19, 21, 22]
+            batch = [{"id": 5, "value": 11.0}, {"id": 6, "value": 15.99}]
+            assert http.patch("/items", json=batch).status_code == 401
+            assert http.patch("/items", json=batch, headers=AUTH).json() == {"updated": 2}
+            created = http.post("/items", json=[{"name": "e2e", "value": 2.5}], headers=AUTH)
+            assert created.status_code == 201
+            new_id = created.json()["items"][0]["id"]
+            assert http.get(f"/items/{new_id}").json()["name"] == "e2e"
+            assert http.delete(f"/items/{new_id}", headers=AUTH).status_code == 204
+            assert "server" not in http.get("/healthz").headers
+        service.process.send_signal(signal.SIGTERM)
+        assert service.process.wait(timeout=30) == 0
+    log = service.log()
+    assert "using database" in log
+    assert "Traceback" not in log
+
+
+def run_cli(env: dict[str, str], tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(PROJECT_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"DATABASE_URL": "mysql://app:Hunter2Hunter2@db/app"}, "DATABASE_URL"),
+        (
+            {"DATABASE_URL": "postgresql://app:Hunter2Hunter2@db/app", "API_TOKENS": ""},
+            "API_TOKENS",
+        ),
+        ({"DB_POOL_SIZE": "lots"}, "DB_POOL_SIZE"),
+    ],
+)
+def test_bad_setting_stops_start_up_with_one_line(
+    tmp_path: Path, overrides: dict[str, str], key: str
+) -> None:
+    result = run_cli(service_environment(None, **overrides), tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"configuration error: {key}: ")
+    assert "Hunter2Hunter2" not in result.stderr + result.stdout
+
+
+def test_dotenv_in_the_working_directory_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("DB_POOL_SIZE=nope\n")
+    result = run_cli(service_environment(None), tmp_path)
+    assert result.returncode == 2
+    assert "DB_POOL_SIZE" in result.stderr
+
+
+def test_fresh_machine_runs_on_the_embedded_database_and_keeps_its_data(tmp_path: Path) -> None:
+    env = service_environment(None, API_TOKENS="", EMBEDDED_DB_DIR=str(tmp_path / "pg"))
+    with run_service(env, tmp_path) as service, httpx.Client(base_url=service.base_url) as http:
+        body = http.get("/items", params={"min_value": 23}, timeout=10).json()
+        assert [item["id"] for item in body["items"]] == [12, 19, 21, 22]
+        # No API_TOKENS on the embedded development database: writes are open (with a warning).
+        created = http.post("/items", json=[{"name": "kept", "value": 99.5}], timeout=10)
+        assert created.status_code == 201
+        new_id = created.json()["items"][0]["id"]
+        assert new_id == 23
+    assert "writes are open" in service.log()
+    with run_service(env, tmp_path) as service, httpx.Client(base_url=service.base_url) as http:
+        assert http.get(f"/items/{new_id}", timeout=10).json()["name"] == "kept"
+        assert len(http.get("/items", timeout=10).json()["items"]) == 7  # not seeded twice
+
+
+def test_migrate_command_applies_and_is_repeatable(database_url: URL, tmp_path: Path) -> None:
+    env = service_environment(database_url)
+    for _ in range(2):
+        result = run_cli(env, tmp_path, "migrate")
+        assert result.returncode == 0, result.stderr
+    assert "migrations applied" in result.stderr
