@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint unit lock clean
 
+# Plain-text logs for people, unless LOG_FORMAT is set in the environment.
 run: $(STAMP)
-	$(BIN)/python -m service
+	LOG_FORMAT=$${LOG_FORMAT:-console} $(BIN)/python -m service
 
 test: lint unit
 

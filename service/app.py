@@ -48,6 +48,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.engine = engine
         app.state.write_sessions, app.state.read_sessions = session_factories(engine, settings)
         log.info("using database %s", describe_database(engine.url))
+        if settings.db_channel_binding == "require":
+            log.warning(
+                "channel_binding=require is not enforced: asyncpg cannot bind channels; "
+                "use sslmode=verify-full to be sure of the server"
+            )
         if settings.auth_disabled:
             log.warning("AUTH_DISABLED: writes are open to anyone who can reach this service")
         stop_watching = drain_on_sigterm(app.state, settings.shutdown_delay_seconds)
