@@ -6,13 +6,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit lock clean
+.PHONY: run test lint unit deploy-check lock clean
 
 # Plain-text logs for people, unless LOG_FORMAT is set in the environment.
 run: $(STAMP)
 	LOG_FORMAT=$${LOG_FORMAT:-console} $(BIN)/python -m service
 
-test: lint unit
+test: lint unit deploy-check
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -21,6 +21,10 @@ lint: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Static checks of the Dockerfile and k8s/: tools pinned in deploy/*.lock, installed on first use.
+deploy-check:
+	PYTHON=$(PYTHON) bash deploy/validate.sh
 
 $(STAMP): requirements-dev.lock
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'

@@ -17,7 +17,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from service import __version__
 from service.auth import token_digests
-from service.config import Settings, describe_database, load_settings
+from service.config import (
+    Settings,
+    check_writes_are_protected,
+    describe_database,
+    load_settings,
+)
 from service.db import create_engine, provide_db_session, provide_read_session, session_factories
 from service.errors import handle_database_error, handle_http_exception, handle_internal_error
 from service.health import get_liveness, get_readiness
@@ -32,6 +37,7 @@ log = logging.getLogger("service.app")
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the app; with no settings, read them from the environment and `.env`."""
     settings = settings if settings is not None else load_settings()
+    check_writes_are_protected(settings)
     state = State(
         {
             "settings": settings,

@@ -13,7 +13,13 @@ import sys
 import uvicorn
 from sqlalchemy.engine import URL
 
-from service.config import Settings, SettingsError, describe_database, load_settings
+from service.config import (
+    Settings,
+    SettingsError,
+    check_writes_are_protected,
+    describe_database,
+    load_settings,
+)
 from service.db import create_engine
 from service.embedded import EmbeddedDatabase, start_embedded_database
 from service.logs import configure_logging, logging_config
@@ -40,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
+        if args.command in (None, "serve"):
+            check_writes_are_protected(settings)
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -147,13 +147,21 @@ def load_settings(
         log_format=_choice(get, "LOG_FORMAT", "json", LOG_FORMATS, upper=False),
         embedded_db_dir=Path(get("EMBEDDED_DB_DIR") or ".data/postgres"),
     )
-    if not api_tokens and not auth_disabled and not settings.uses_embedded_database:
+    return settings
+
+
+def check_writes_are_protected(settings: Settings) -> None:
+    """Refuse to serve a configured database with open writes unless that was asked for.
+
+    Only serving needs this: `migrate` and `seed` accept no requests.
+    """
+    open_writes = not settings.api_tokens and not settings.auth_disabled
+    if open_writes and not settings.uses_embedded_database:
         raise SettingsError(
             "API_TOKENS",
             "is empty, so writes would be open to anyone; set API_TOKENS "
             "(comma-separated bearer tokens) or AUTH_DISABLED=true explicitly",
         )
-    return settings
 
 
 def normalise_database_url(raw: str) -> dict[str, object]:

@@ -50,6 +50,7 @@ WRITE_ERRORS = {
 @get("/items", responses=READ_ERRORS)
 async def list_items(
     read_session: NamedDependency[AsyncSession],
+    request: Request[Any, Any, Any],
     min_value: Annotated[
         float | None, QueryParameter(description="Only rows whose value is greater than this.")
     ] = None,
@@ -59,6 +60,7 @@ async def list_items(
     ] = 0,
 ) -> ItemPage:
     """Rows in id order, optionally only those whose value is above `min_value`."""
+    _check_given_once(request, ("min_value", "limit", "after_id"))
     params: dict[str, object] = {"after_id": after_id, "limit": limit}
     if min_value is None:
         result = await read_session.execute(queries.SELECT_ITEMS, params)
@@ -203,6 +205,14 @@ def _check_names(items: list[NewItem]) -> None:
                 {"message": "NUL in name", "key": f"$[{i}].name", "source": "body"} for i in bad
             ],
         )
+
+
+def _check_given_once(request: Request[Any, Any, Any], names: tuple[str, ...]) -> None:
+    # Litestar silently keeps one of `?limit=1&limit=1000`; which one a proxy or cache in front
+    # of us reads is anyone's guess, so an ambiguous query is refused instead.
+    for name in names:
+        if len(request.query_params.getall(name, [])) > 1:
+            raise _bad_parameter(name, "must be given at most once")
 
 
 def _bad_parameter(name: str, problem: str) -> ValidationException:

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from service.config import Settings, SettingsError, describe_database, load_settings
+from service.config import (
+    Settings,
+    SettingsError,
+    check_writes_are_protected,
+    describe_database,
+    load_settings,
+)
 from service.db import engine_options, ssl_connect_arg
 
 TOKENS = {"API_TOKENS": "a-token-of-sixteen-chars"}
@@ -176,13 +182,15 @@ def test_bad_url_error_does_not_echo_the_password() -> None:
     assert "Hunter2Hunter2" not in str(raised.value)
 
 
-def test_configured_database_without_tokens_refuses_to_start() -> None:
+def test_configured_database_without_tokens_refuses_to_serve() -> None:
+    settings = load_settings(environ={"DATABASE_URL": "postgresql://u:p@h/db"}, env_file=None)
     with pytest.raises(SettingsError) as raised:
-        load_settings(environ={"DATABASE_URL": "postgresql://u:p@h/db"}, env_file=None)
+        check_writes_are_protected(settings)  # migrate and seed need no tokens
     assert raised.value.key == "API_TOKENS"
     settings = load_settings(
         environ={"DATABASE_URL": "postgresql://u:p@h/db", "AUTH_DISABLED": "true"}, env_file=None
     )
+    check_writes_are_protected(settings)
     assert settings.auth_disabled
 
 
