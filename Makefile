@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit deploy-check lock clean
+.PHONY: run test lint unit deploy-check load lock clean
 
 # Plain-text logs for people, unless LOG_FORMAT is set in the environment.
 run: $(STAMP)
@@ -26,6 +26,12 @@ unit: $(STAMP)
 deploy-check:
 	PYTHON=$(PYTHON) bash deploy/validate.sh
 
+# Locust headless against the service as shipped (seeded embedded database), or against LOAD_HOST.
+# Knobs, as environment or make variables: LOAD_USERS=50 LOAD_SPAWN_RATE=10 LOAD_DURATION=60 (s)
+# LOAD_P95_MS=500 LOAD_ROWS=10000 LOAD_HOST= LOAD_API_TOKEN=. Reports in load-report/.
+load: $(STAMP)
+	$(BIN)/python tests/load/run.py
+
 $(STAMP): requirements-dev.lock
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,4 +47,4 @@ lock: $(STAMP)
 		--python-version 3.11 --generate-hashes --no-header --quiet -o requirements-dev.lock
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-load .venv-deploy .venv-checkov load-report .mypy_cache .ruff_cache .pytest_cache
