@@ -1,0 +1,367 @@
+"""What the fault tests drive: a PostgreSQL and a PgBouncer they stop and start, and a load.
+
+The PostgreSQL is the pgserver package's own binaries, run in a temporary folder on a free
+loopback port, so a test can stop it without touching any other database on the machine. As root,
+PostgreSQL (and PgBouncer) refuse to run, so both run as pgserver's system user, as pgserver does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from sqlalchemy.engine import URL
+
+from tests.conftest import asyncpg_dsn, free_port
+
+SYSTEM_USER = "pgserver"
+PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+
+
+def run_as() -> str | None:
+    """The system user the database processes run as: pgserver's when we are root."""
+    return SYSTEM_USER if os.geteuid() == 0 else None
+
+
+def _prepare_system_user(folder: Path) -> None:
+    """As root, make pgserver's user exist, reach the binaries, and own `folder`."""
+    if run_as() is None:
+        return
+    import pwd
+
+    from pgserver._commands import POSTGRES_BIN_PATH
+    from pgserver.utils import (
+        ensure_folder_permissions,
+        ensure_prefix_permissions,
+        ensure_user_exists,
+    )
+
+    ensure_user_exists(SYSTEM_USER)
+    ensure_prefix_permissions(POSTGRES_BIN_PATH)
+    ensure_folder_permissions(POSTGRES_BIN_PATH, 0o555)
+    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o444)
+    ensure_prefix_permissions(folder)
+    entry = pwd.getpwnam(SYSTEM_USER)
+    os.chown(folder, entry.pw_uid, entry.pw_gid)
+
+
+def _give(path: Path) -> None:
+    if run_as() is not None:
+        import pwd
+
+        entry = pwd.getpwnam(SYSTEM_USER)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def wait_for_port(port: int, timeout: float = 15.0) -> None:
+    """Block until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            probe.settimeout(0.5)
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@dataclasses.dataclass
+class ControlledPostgres:
+    """A PostgreSQL of the test's own on 127.0.0.1:port; password auth over TCP."""
+
+    root: Path
+    port: int
+    password: str
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "postgres.log"
+
+    @classmethod
+    def create(cls) -> ControlledPostgres:
+        """initdb in a new temporary folder and start the server."""
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        # Short and outside the root user's home: the system user must reach it, and the unix
+        # socket PostgreSQL also opens there must fit in 107 bytes.
+        root = Path(tempfile.mkdtemp(prefix="faults-pg-"))
+        _prepare_system_user(root)
+        server = cls(root=root, port=free_port(), password=f"pg-{secrets.token_hex(12)}")
+        password_file = root / "password"
+        password_file.write_text(server.password + "\n")
+        _give(password_file)
+        server._run(
+            POSTGRES_BIN_PATH / "initdb",
+            [
+                *("-D", str(server.data_dir), "-U", "postgres", "--encoding=UTF8", "--no-sync"),
+                *("--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={password_file}"),
+            ],
+        )
+        password_file.unlink()
+        server.start()
+        return server
+
+    def url(self, database: str = "postgres", password: str | None = None) -> URL:
+        """The asyncpg URL of `database`, with the real password unless another is given."""
+        return URL.create(
+            "postgresql+asyncpg",
+            username="postgres",
+            password=self.password if password is None else password,
+            host="127.0.0.1",
+            port=self.port,
+            database=database,
+        )
+
+    def start(self) -> float:
+        """Start the server and wait until it accepts connections; returns the seconds taken."""
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        options = (
+            f"-h 127.0.0.1 -p {self.port} -k {self.root} -c max_connections=300"
+            " -c fsync=off -c full_page_writes=off -c log_min_messages=warning"
+        )
+        started = time.monotonic()
+        self._run(
+            POSTGRES_BIN_PATH / "pg_ctl",
+            [
+                *("-D", str(self.data_dir), "-l", str(self.log_path), "-o", options),
+                *("-w", "-t", "30", "start"),
+            ],
+        )
+        return time.monotonic() - started
+
+    def stop(self, mode: str = "fast") -> None:
+        """pg_ctl stop: `fast` ends every session cleanly, `immediate` is a crash."""
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        self._run(
+            POSTGRES_BIN_PATH / "pg_ctl",
+            ["-D", str(self.data_dir), "-m", mode, "-w", "-t", "30", "stop"],
+        )
+
+    def is_running(self) -> bool:
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        status = subprocess.run(
+            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.data_dir), "status"],
+            user=run_as(),
+            cwd=self.root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+        return status.returncode == 0
+
+    def destroy(self) -> None:
+        """Stop the server if it runs and remove its folder."""
+        if self.is_running():
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _run(self, program: Path, args: list[str]) -> None:
+        # pg_ctl's output goes to a file, not a pipe: the server it starts would inherit the pipe
+        # and keep it open, and reading it would then never end.
+        output = self.root / "pg_ctl.out"
+        with output.open("a") as out:
+            result = subprocess.run(
+                [str(program), *args],
+                user=run_as(),
+                cwd=self.root,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+                timeout=60,
+            )
+        if result.returncode != 0:
+            log = self.log_path.read_text() if self.log_path.exists() else ""
+            raise RuntimeError(
+                f"{program.name} {' '.join(args)} failed:\n{output.read_text()}\n{log}"
+            )
+
+
+@dataclasses.dataclass
+class PgBouncer:
+    """Debian's pgbouncer in transaction mode on 127.0.0.1:port, in front of a test server."""
+
+    root: Path
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "pgbouncer.log"
+
+    @classmethod
+    def start(cls, postgres: ControlledPostgres, pool_size: int = 4) -> PgBouncer:
+        """Write its ini and user list into a temporary folder and start it in the foreground."""
+        root = Path(tempfile.mkdtemp(prefix="faults-pgb-"))
+        _prepare_system_user(root)
+        port = free_port()
+        (root / "userlist.txt").write_text(f'"postgres" "{postgres.password}"\n')
+        (root / "pgbouncer.ini").write_text(
+            "\n".join(
+                [
+                    "[databases]",
+                    f"* = host=127.0.0.1 port={postgres.port}",
+                    "[pgbouncer]",
+                    "listen_addr = 127.0.0.1",
+                    f"listen_port = {port}",
+                    "unix_socket_dir =",
+                    # Clients send the password in clear over loopback; PgBouncer then logs in
+                    # to PostgreSQL with SCRAM using the password from the user list.
+                    "auth_type = plain",
+                    f"auth_file = {root / 'userlist.txt'}",
+                    "pool_mode = transaction",
+                    f"default_pool_size = {pool_size}",
+                    "max_client_conn = 500",
+                    f"logfile = {root / 'pgbouncer.log'}",
+                    f"pidfile = {root / 'pgbouncer.pid'}",
+                    "",
+                ]
+            )
+        )
+        for name in ("userlist.txt", "pgbouncer.ini"):
+            (root / name).chmod(0o600)
+            _give(root / name)
+        # PgBouncer refuses to run as root ("should not run as root"), hence the system user.
+        with (root / "stderr.log").open("wb") as stderr:
+            process = subprocess.Popen(
+                [PGBOUNCER, str(root / "pgbouncer.ini")],
+                user=run_as(),
+                cwd=root,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        bouncer = cls(root=root, port=port, process=process)
+        try:
+            wait_for_port(port)
+        except TimeoutError:
+            bouncer.stop()
+            raise RuntimeError(f"pgbouncer did not start:\n{bouncer.log()}") from None
+        return bouncer
+
+    def url(self, postgres: ControlledPostgres, database: str) -> URL:
+        """The service's URL for `database` through this pooler."""
+        return postgres.url(database).set(port=self.port)
+
+    def log(self) -> str:
+        parts = [p.read_text() for p in (self.log_path, self.root / "stderr.log") if p.exists()]
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        """Stop the pooler (by its own PID) and remove its folder."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+async def seed_rows(database: URL, count: int, value: float = 0.0) -> None:
+    """Replace the table's rows by ids 1..count named row-<id>, all holding `value`."""
+    connection = await asyncpg.connect(asyncpg_dsn(database))
+    try:
+        await connection.execute("TRUNCATE playing_with_neon")
+        await connection.execute(
+            "INSERT INTO playing_with_neon (id, name, value) "
+            "SELECT g, 'row-' || g, $2 FROM generate_series(1, $1::int) AS g",
+            count,
+            value,
+        )
+        await connection.execute(
+            "SELECT setval(pg_get_serial_sequence('playing_with_neon', 'id'), $1::int + 1, false)",
+            count,
+        )
+    finally:
+        await connection.close()
+
+
+async def fetch_values(database: URL) -> dict[int, float]:
+    """id → value of every row, read through a connection of the test's own."""
+    connection = await asyncpg.connect(asyncpg_dsn(database))
+    try:
+        rows = await connection.fetch("SELECT id, value FROM playing_with_neon ORDER BY id")
+    finally:
+        await connection.close()
+    return {row["id"]: row["value"] for row in rows}
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One request of a load: when it started, how long it took, what came back."""
+
+    label: str
+    started: float
+    elapsed: float
+    status: int | None
+    retry_after: str | None = None
+    content_type: str = ""
+    body: str = ""
+    error: str = ""
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def problem_json(self) -> bool:
+        return self.content_type.startswith("application/problem+json")
+
+
+async def send(
+    client: httpx.AsyncClient, label: str, method: str, path: str, **kwargs: Any
+) -> Outcome:
+    """One request; a transport error or client timeout becomes an Outcome with no status."""
+    started = time.monotonic()
+    try:
+        response = await client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        return Outcome(label, started, time.monotonic() - started, None, error=type(exc).__name__)
+    return Outcome(
+        label,
+        started,
+        time.monotonic() - started,
+        response.status_code,
+        response.headers.get("retry-after"),
+        response.headers.get("content-type", ""),
+        response.text,
+        headers=dict(response.headers),
+    )
+
+
+async def run_until(
+    stop: asyncio.Event,
+    workers: int,
+    one_request: Callable[[int, int], Awaitable[Outcome]],
+    max_requests_per_worker: int,
+    pause: float = 0.0,
+) -> list[Outcome]:
+    """`workers` loops, each sending one request after another until `stop` or its cap."""
+    outcomes: list[Outcome] = []
+
+    async def worker(number: int) -> None:
+        for sequence in range(max_requests_per_worker):
+            if stop.is_set():
+                return
+            outcomes.append(await one_request(number, sequence))
+            if pause:
+                await asyncio.sleep(pause)
+
+    await asyncio.gather(*(worker(n) for n in range(workers)))
+    return outcomes

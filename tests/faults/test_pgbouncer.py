@@ -1,0 +1,100 @@
+"""Fault 5: behind PgBouncer in transaction mode (as Neon's -pooler endpoints are).
+
+With DB_PGBOUNCER=true a concurrent mixed load of reads and batches has zero errors and no
+"prepared statement" error ever appears; the same load without the setting fails, which shows
+the setting is what makes the difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.engine import URL
+
+from tests.conftest import AUTH, run_service, service_environment
+from tests.faults.report import record, status_counts
+from tests.faults.support import ControlledPostgres, Outcome, PgBouncer, run_until, seed_rows, send
+
+pytestmark = pytest.mark.slow
+
+ROWS = 200
+WORKERS = 16
+REQUESTS_PER_WORKER = 40
+
+
+async def mixed_load(base_url: str) -> list[Outcome]:
+    """Reads (list, threshold, one row) and writes (PATCH and POST batches) from 16 clients."""
+    limits = httpx.Limits(max_connections=WORKERS)
+    async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
+
+        async def one_request(worker: int, sequence: int) -> Outcome:
+            rng = random.Random(worker * 7919 + sequence)
+            kind = (worker + sequence) % 5
+            if kind == 0:
+                return await send(
+                    client, "read", "GET", f"/items?limit=20&after_id={rng.randint(0, ROWS)}"
+                )
+            if kind == 1:
+                return await send(client, "read", "GET", f"/items?min_value={rng.random()}&limit=5")
+            if kind == 2:
+                return await send(client, "read", "GET", f"/items/{rng.randint(1, ROWS)}")
+            if kind == 3:
+                batch = [
+                    {"id": i, "value": rng.random()} for i in rng.sample(range(1, ROWS + 1), 10)
+                ]
+                return await send(client, "write", "PATCH", "/items", json=batch, headers=AUTH)
+            rows = [{"name": f"pooled-{worker}-{sequence}-{i}", "value": 1.0} for i in range(5)]
+            return await send(client, "write", "POST", "/items", json=rows, headers=AUTH)
+
+        return await run_until(asyncio.Event(), WORKERS, one_request, REQUESTS_PER_WORKER)
+
+
+@pytest.mark.parametrize("pgbouncer_setting", [True, False], ids=["DB_PGBOUNCER=true", "unset"])
+async def test_transaction_pooler_needs_the_pgbouncer_setting(
+    controlled_postgres: ControlledPostgres,
+    fault_database: URL,
+    pgbouncer: PgBouncer,
+    tmp_path: Path,
+    pgbouncer_setting: bool,
+) -> None:
+    await seed_rows(fault_database, ROWS)
+    pooled = pgbouncer.url(controlled_postgres, fault_database.database or "")
+    overrides = {"SHUTDOWN_DELAY_SECONDS": "0", "DB_POOL_SIZE": "8"}
+    if pgbouncer_setting:
+        overrides["DB_PGBOUNCER"] = "true"
+    else:
+        # PgBouncer refuses a statement_timeout startup parameter outright; without this the
+        # service could not even connect, and the test would not reach prepared statements.
+        overrides["DB_STATEMENT_TIMEOUT_MS"] = "0"
+    with run_service(service_environment(pooled, **overrides), tmp_path) as service:
+        outcomes = await mixed_load(service.base_url)
+        async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
+            ready = await send(client, "readyz", "GET", "/readyz")
+    log = service.log()
+    statuses = status_counts(o.status for o in outcomes)
+    failures = sum(1 for o in outcomes if o.status not in (200, 201))
+    prepared_errors = log.count("prepared statement")
+    if pgbouncer_setting:
+        assert failures == 0, (statuses, log[-3000:])
+        assert prepared_errors == 0, log[-3000:]
+        assert ready.status == 200
+        did = 'zero errors; no "prepared statement" in the log'
+    else:
+        assert failures > 0 and prepared_errors > 0, (statuses, prepared_errors)
+        did = (
+            f'{failures} failed requests, "prepared statement" {prepared_errors} times in the log: '
+            "the setting is what makes it work"
+        )
+    record(
+        "Fault 5",
+        f"Transaction pooler: PgBouncer (pool_mode=transaction, 4 server connections), "
+        f"{WORKERS} clients of mixed reads and PATCH/POST batches, "
+        f"{'DB_PGBOUNCER=true' if pgbouncer_setting else 'DB_PGBOUNCER unset'}",
+        len(outcomes),
+        statuses,
+        did,
+    )
