@@ -7,27 +7,34 @@ schema; data the schema forbids must be refused with a 4xx.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, given, settings
-from hypothesis.errors import Unsatisfiable
-from schemathesis.checks import CheckFunction, not_a_server_error
-from schemathesis.core.result import Err
-from schemathesis.specs.openapi.checks import (
+from sqlalchemy.engine import URL
+
+from service.config import Settings
+from service.migrate import upgrade_to_head
+from tests.conftest import AUTH, ServiceProcess, fresh_database, run_service, service_environment
+from tests.faults.report import record
+from tests.faults.support import ControlledPostgres, seed_rows
+
+# A test-only dependency (the dev extra); say so instead of failing the whole collection.
+schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis.errors import Unsatisfiable  # noqa: E402
+from schemathesis import Case, GenerationMode  # noqa: E402
+from schemathesis.checks import CheckFunction, not_a_server_error  # noqa: E402
+from schemathesis.core.result import Err  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
     negative_data_rejection,
     response_schema_conformance,
     status_code_conformance,
 )
-from sqlalchemy.engine import URL
-
-from tests.conftest import AUTH, ServiceProcess, run_service, service_environment
-from tests.faults.report import record
-from tests.faults.support import ControlledPostgres, seed_rows
 
 pytestmark = pytest.mark.slow
 
@@ -58,12 +65,6 @@ async def schemathesis_database(
     controlled_postgres: ControlledPostgres,
 ) -> AsyncIterator[URL]:
     """A migrated database with 50 rows, for this module only."""
-    import asyncio
-
-    from service.config import Settings
-    from service.migrate import upgrade_to_head
-    from tests.conftest import fresh_database
-
     async with fresh_database(controlled_postgres.url(), prefix="schemathesis") as url:
         await asyncio.to_thread(upgrade_to_head, Settings(database_url=url, auth_disabled=True))
         await seed_rows(url, 50)
@@ -84,7 +85,7 @@ def schemathesis_service(
     assert "unhandled error" not in log, log
 
 
-def exercise(operation: Any, mode: schemathesis.GenerationMode, base_url: str) -> Counter[int]:
+def exercise(operation: Any, mode: GenerationMode, base_url: str) -> Counter[int]:
     """Run one operation's generated cases in one mode; returns the status codes seen."""
     counts: Counter[int] = Counter()
 
@@ -96,7 +97,7 @@ def exercise(operation: Any, mode: schemathesis.GenerationMode, base_url: str) -
         database=None,
         suppress_health_check=list(HealthCheck),
     )
-    def call(case: schemathesis.Case[Any]) -> None:
+    def call(case: Case[Any]) -> None:
         response = case.call_and_validate(
             base_url=base_url, headers=AUTH, checks=CHECKS, timeout=10
         )
@@ -123,7 +124,7 @@ def test_generated_requests_get_documented_answers(schemathesis_service: Service
             raise result.err()
         operation = result.ok()
         operations += 1
-        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             try:
                 totals.update(exercise(operation, mode, schemathesis_service.base_url))
             except (Exception, BaseExceptionGroup) as exc:  # one failure must not hide others
