@@ -6,13 +6,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit deploy-check load lock clean
+.PHONY: run test lint unit faults deploy-check load lock clean
 
 # Plain-text logs for people, unless LOG_FORMAT is set in the environment.
 run: $(STAMP)
 	LOG_FORMAT=$${LOG_FORMAT:-console} $(BIN)/python -m service
 
-test: lint unit deploy-check
+test: lint unit faults deploy-check
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -20,7 +20,16 @@ lint: $(STAMP)
 	$(BIN)/mypy --strict service
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --ignore=tests/faults --ignore=tests/test_bad_input.py \
+		--ignore=tests/test_security.py
+
+# Faults, bad input and intruders on real processes (uvicorn, a PostgreSQL the tests stop and
+# start, PgBouncer): 2-3 minutes. Prints the Reliability table and writes it to
+# load-report/reliability.md (rows as JSON lines in load-report/reliability.jsonl).
+faults: $(STAMP)
+	rm -f load-report/reliability.jsonl
+	RELIABILITY_REPORT=load-report/reliability.jsonl $(BIN)/python -m pytest tests/faults \
+		tests/test_bad_input.py tests/test_security.py
 
 # Static checks of the Dockerfile and k8s/: tools pinned in deploy/*.lock, installed on first use.
 deploy-check:

@@ -12,11 +12,12 @@ from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from service import __version__
-from service.auth import token_digests
+from service.auth import BEARER_SCHEME, token_digests
 from service.config import (
     Settings,
     check_writes_are_protected,
@@ -98,6 +99,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # Logging is configured once by the command line (service.logs), not per app.
         logging_config=None,
         openapi_config=OpenAPIConfig(
-            title="playing_with_neon items", version=__version__, path="/schema"
+            title="playing_with_neon items",
+            version=__version__,
+            path="/schema",
+            components=Components(
+                security_schemes={
+                    BEARER_SCHEME: SecurityScheme(
+                        type="http", scheme="bearer", description="One of API_TOKENS."
+                    )
+                }
+            ),
         ),
     )

@@ -11,6 +11,10 @@ from litestar.handlers.base import BaseRouteHandler
 
 from service.errors import ProblemException
 
+# The OpenAPI security scheme the write operations declare.
+BEARER_SCHEME = "BearerToken"
+WRITE_SECURITY: list[dict[str, list[str]]] = [{BEARER_SCHEME: []}]
+
 
 def token_digests(tokens: tuple[str, ...]) -> tuple[bytes, ...]:
     """Digests of the accepted tokens; comparing digests takes the same time for any length."""

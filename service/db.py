@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from uuid import uuid4
 
@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool
 
 from service.config import Settings
 
@@ -84,11 +85,40 @@ def engine_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def create_engine(settings: Settings) -> AsyncEngine:
+class TimedQueuePool(AsyncAdaptedQueuePool):
+    """SQLAlchemy's asyncio queue pool, timing each checkout for `db_pool_wait_seconds`.
+
+    The wait (for a free connection, or to open a new one) happens inside the pool, at a
+    statement's first need of a connection; no event marks its start, so it is timed here.
+    """
+
+    observe_wait: Callable[[float], None] = staticmethod(lambda seconds: None)
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        started = time.perf_counter()
+        try:
+            return super()._do_get()
+        finally:
+            self.observe_wait(time.perf_counter() - started)
+
+    def recreate(self) -> QueuePool:
+        pool = super().recreate()  # engine.dispose() swaps in a new pool: keep the observer
+        pool.observe_wait = self.observe_wait  # type: ignore[attr-defined]
+        return pool
+
+
+def create_engine(
+    settings: Settings, observe_pool_wait: Callable[[float], None] | None = None
+) -> AsyncEngine:
     """The process's one engine, for the configured database."""
     if settings.database_url is None:
         raise RuntimeError("the embedded database must be started before the engine is built")
-    return create_async_engine(settings.database_url, **engine_options(settings))
+    engine = create_async_engine(
+        settings.database_url, poolclass=TimedQueuePool, **engine_options(settings)
+    )
+    if observe_pool_wait is not None:
+        engine.pool.observe_wait = observe_pool_wait  # type: ignore[attr-defined]
+    return engine
 
 
 def session_factories(
@@ -108,21 +138,16 @@ def session_factories(
 
 
 async def provide_db_session(state: State) -> AsyncIterator[AsyncSession]:
-    """A request's transactional session; handlers commit explicitly, anything else rolls back."""
+    """A request's transactional session; handlers commit explicitly, anything else rolls back.
+
+    The session takes its connection at its first statement, after the handler has validated
+    the input, so a bad request gets its 4xx even while the database is away.
+    """
     async with state.write_sessions() as session:
-        await _check_out_connection(session, state)
         yield session
 
 
 async def provide_read_session(state: State) -> AsyncIterator[AsyncSession]:
     """A request's session for a single read statement."""
     async with state.read_sessions() as session:
-        await _check_out_connection(session, state)
         yield session
-
-
-async def _check_out_connection(session: AsyncSession, state: State) -> None:
-    """Take the pool connection now, to time the wait; no round trip (no pre-ping, lazy BEGIN)."""
-    started = time.perf_counter()
-    await session.connection()
-    state.metrics.pool_wait.observe(time.perf_counter() - started)

@@ -21,6 +21,10 @@ RETRY_AFTER_SECONDS = "1"
 # shutdown and start-up (57P01..57P03), too many connections, out of memory or disk.
 UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300", "53200", "53100")
 STATEMENT_TIMEOUT_SQLSTATE = "57014"
+# The database refuses us as configured: wrong password or user (class 28), no such database
+# (3D000), no table (42P01: migrations not applied). Not the client's fault, and retrying only
+# helps once an operator fixes it, so it is a 503 with an error in the log, not a 500.
+MISCONFIGURED_SQLSTATES = ("28", "3D000", "42P01")
 # Serialization failure, deadlock, lock not available: the same request may succeed if retried.
 CONFLICT_SQLSTATES = ("40001", "40P01", "55P03")
 # Data exceptions (class 22): a value the column cannot hold, such as an overflow of `real`.
@@ -74,6 +78,9 @@ def handle_database_error(request: Request[Any, Any, Any], exc: Exception) -> Re
         or (sqlstate is not None and sqlstate.startswith(UNAVAILABLE_SQLSTATES))
     ):
         log.warning("database unavailable: %s", _summary(exc))
+        return problem_response(503, "the database is unavailable; retry shortly", retry)
+    if sqlstate is not None and sqlstate.startswith(MISCONFIGURED_SQLSTATES):
+        log.error("the database refuses the service's configuration: %s", _summary(exc))
         return problem_response(503, "the database is unavailable; retry shortly", retry)
     if sqlstate == STATEMENT_TIMEOUT_SQLSTATE:
         return problem_response(

@@ -16,7 +16,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import queries
-from service.auth import require_json, require_token
+from service.auth import WRITE_SECURITY, require_json, require_token
 from service.errors import ProblemException
 from service.schemas import (
     INT4_MAX,
@@ -87,6 +87,7 @@ async def get_item(read_session: NamedDependency[AsyncSession], item_id: FromPat
 @post(
     "/items",
     guards=[require_token, require_json],
+    security=WRITE_SECURITY,
     responses=WRITE_ERRORS,
     description="Inserts all rows in one transaction; answers them with their new ids.",
 )
@@ -110,6 +111,7 @@ async def create_items(
 @patch(
     "/items",
     guards=[require_token, require_json],
+    security=WRITE_SECURITY,
     responses={**WRITE_ERRORS, 404: PROBLEM, 409: PROBLEM},
     description=(
         "Applies every new value in one transaction, all or nothing: if any id is missing,"
@@ -143,6 +145,7 @@ async def update_values(
 
 @delete(
     "/items/{item_id:int}",
+    security=WRITE_SECURITY,
     guards=[require_token],
     responses={401: PROBLEM, 404: PROBLEM, 503: PROBLEM},
 )

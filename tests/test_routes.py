@@ -264,4 +264,7 @@ async def test_openapi_documents_every_operation(client: Client) -> None:
         assert name in components
     patch = paths["/items"]["patch"]
     assert "requestBody" in patch
+    assert patch["security"] == [{"BearerToken": []}]
+    assert "security" not in paths["/items"]["get"]
+    assert schema["components"]["securitySchemes"]["BearerToken"]["scheme"] == "bearer"
     assert {"200", "401", "404", "422"} <= set(patch["responses"])
