@@ -162,6 +162,19 @@ def service_environment(database_url: URL | None, **overrides: str) -> dict[str,
     return env
 
 
+def run_cli(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m service ARGS` to its end (at most 60 s), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=cwd,
+        env={**env, "PYTHONPATH": str(PROJECT_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 @contextlib.contextmanager
 def run_service(
     env: dict[str, str], tmp_path: Path, args: tuple[str, ...] = (), wait: bool = True

@@ -14,8 +14,6 @@ import hashlib
 import hmac
 import inspect
 import secrets
-import subprocess
-import sys
 import textwrap
 from collections import Counter
 from collections.abc import Iterator
@@ -33,8 +31,8 @@ from service import auth
 from service.errors import ProblemException
 from tests.conftest import (
     AUTH,
-    PROJECT_ROOT,
     TOKEN,
+    run_cli,
     run_service,
     service_environment,
     table_snapshot,
@@ -357,16 +355,8 @@ def _migrate(url: URL) -> None:
 
 
 def _run_command(env: dict[str, str], args: list[str], cwd: Path) -> str:
-    """Run `python -m service ARGS` to its end; its combined output."""
-    result = subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        cwd=cwd,
-        env={**env, "PYTHONPATH": str(PROJECT_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    """Run `python -m service ARGS`, expected to fail; its combined output."""
+    result = run_cli(env, cwd, *args)
     assert result.returncode != 0, "expected this run to fail"
     return result.stdout + result.stderr
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from service.config import Settings
 from service.db import create_engine
 from service.migrate import upgrade_to_head
 from service.seed import MAX_DEMO_ROWS, SeedRefused, demo_row, seed_demo_rows
-from tests.conftest import PROJECT_ROOT, fresh_database, service_environment, table_snapshot
+from tests.conftest import fresh_database, run_cli, service_environment, table_snapshot
 
 NEXT_ID = text("INSERT INTO playing_with_neon (name, value) VALUES ('next', 0) RETURNING id")
 
@@ -97,15 +96,7 @@ async def test_row_count_out_of_range_is_refused(empty_engine: AsyncEngine, rows
 
 
 def run_seed(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service", "seed", *args],
-        cwd=cwd,
-        env={**env, "PYTHONPATH": str(PROJECT_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(env, cwd, "seed", *args)
 
 
 @pytest.mark.slow

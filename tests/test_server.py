@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy.engine import URL
 
-from tests.conftest import AUTH, PROJECT_ROOT, run_service, service_environment
+from tests.conftest import AUTH, run_cli, run_service, service_environment
 
 pytestmark = pytest.mark.slow
 
@@ -38,18 +36,6 @@ def test_end_to_end_on_the_configured_database(
     log = service.log()
     assert "using database" in log
     assert "Traceback" not in log
-
-
-def run_cli(env: dict[str, str], tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        cwd=tmp_path,
-        env={**env, "PYTHONPATH": str(PROJECT_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @pytest.mark.parametrize(
