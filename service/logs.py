@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.config
 from datetime import UTC, datetime
 from typing import Any
+
+import msgspec
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and belongs in the line.
 STANDARD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {
@@ -31,7 +32,7 @@ class JsonFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return msgspec.json.encode(line, enc_hook=str).decode()
 
 
 def logging_config(level: str, log_format: str = "json") -> dict[str, Any]:
