@@ -56,6 +56,9 @@ class ObserveRequests:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # prometheus_client's labels() builds and hashes a key on every call; the handful of
+        # (method, route, status) combinations are looked up once and kept.
+        self.children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
@@ -84,8 +87,15 @@ class ObserveRequests:
                 "route": route,
                 "status": str(status),
             }
-            self.metrics.requests.labels(**labels).inc()
-            self.metrics.latency.labels(**labels).observe(elapsed)
+            key = (method, route, labels["status"])
+            children = self.children.get(key)
+            if children is None:
+                children = self.children[key] = (
+                    self.metrics.requests.labels(**labels),
+                    self.metrics.latency.labels(**labels),
+                )
+            children[0].inc()
+            children[1].observe(elapsed)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(
                     "%s %s %s",
