@@ -51,10 +51,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def engine_lifespan(app: Litestar) -> AsyncIterator[None]:
-        engine = create_engine(settings)
+        engine = create_engine(settings, observe_pool_wait=metrics.pool_wait.observe)
         app.state.engine = engine
         app.state.write_sessions, app.state.read_sessions = session_factories(engine, settings)
         log.info("using database %s", describe_database(engine.url))
+        host = engine.url.host or ""
+        if "-pooler" in host and not settings.db_pgbouncer:
+            log.warning(
+                "%s looks like a transaction-mode pooler but DB_PGBOUNCER is not set: expect "
+                "'prepared statement' errors and a refused statement_timeout",
+                host,
+            )
         if settings.db_channel_binding == "require":
             log.warning(
                 "channel_binding=require is not enforced: asyncpg cannot bind channels; "

@@ -35,6 +35,8 @@ async def test_metrics_count_requests_by_route_template_and_status(client: Clien
         "db_pool_wait_seconds_count",
     ):
         assert name in text
+    waits = [line for line in text.splitlines() if line.startswith("db_pool_wait_seconds_count")]
+    assert float(waits[0].split()[-1]) >= 3  # each request that used the database was timed
 
 
 async def test_request_id_is_echoed_or_generated(client: Client) -> None:
