@@ -122,7 +122,7 @@ async def test_malformed_or_near_miss_credentials_are_401_and_change_nothing(
     assert await table_snapshot(engine) == before
 
 
-def test_token_comparison_hashes_first_and_compares_every_token(
+async def test_token_comparison_hashes_first_and_compares_every_token(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Equal-length digests through hmac.compare_digest, every accepted token, every time.
@@ -150,7 +150,7 @@ def test_token_comparison_hashes_first_and_compares_every_token(
             app=SimpleNamespace(state=state), headers={"authorization": f"Bearer {offered}"}
         )
         try:
-            auth.require_token(connection, None)  # type: ignore[arg-type]
+            await auth.require_token(connection, None)  # type: ignore[arg-type]
             allowed = True
         except ProblemException as exc:
             assert exc.status_code == 401
