@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit faults deploy-check load lock clean
+.PHONY: run test lint unit faults deploy-check load bench lock clean
 
 # Plain-text logs for people, unless LOG_FORMAT is set in the environment.
 run: $(STAMP)
@@ -40,6 +40,11 @@ deploy-check:
 # LOAD_P95_MS=500 LOAD_ROWS=10000 LOAD_HOST= LOAD_API_TOKEN=. Reports in load-report/.
 load: $(STAMP)
 	$(BIN)/python tests/load/run.py
+
+# The service (1 and 2 workers) against a bare ASGI + asyncpg baseline under wrk, interleaved
+# rounds on one embedded PostgreSQL; about 8 minutes; writes bench/RESULTS.md.
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
 
 $(STAMP): requirements-dev.lock
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
