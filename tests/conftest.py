@@ -60,6 +60,20 @@ def server_url() -> Iterator[URL]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+@pytest.fixture
+def embedded_db_dir() -> Iterator[Path]:
+    """A data folder for an embedded PostgreSQL that a child process starts.
+
+    Not under tmp_path: pgserver runs the server as its own user, and pytest closes its temp
+    root to everyone else (0700) whenever any pytest session starts.
+    """
+    root = Path(tempfile.mkdtemp(prefix="service-embedded-"))
+    try:
+        yield root / "pg"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @contextlib.asynccontextmanager
 async def fresh_database(server: URL, prefix: str = "service_test") -> AsyncIterator[URL]:
     """A new, empty database on the test server, dropped afterwards."""

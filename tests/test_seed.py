@@ -122,9 +122,11 @@ async def test_command_seeds_refuses_then_forces(
 
 
 @pytest.mark.slow
-def test_command_migrates_the_embedded_database_first(tmp_path: Path) -> None:
+def test_command_migrates_the_embedded_database_first(
+    tmp_path: Path, embedded_db_dir: Path
+) -> None:
     # No DATABASE_URL and no API_TOKENS: the embedded database, created, migrated, then seeded.
-    env = service_environment(None, EMBEDDED_DB_DIR=str(tmp_path / "pg"), API_TOKENS="")
+    env = service_environment(None, EMBEDDED_DB_DIR=str(embedded_db_dir), API_TOKENS="")
 
     result = run_seed(env, tmp_path, "--rows", "10000")
 

@@ -67,8 +67,10 @@ def test_dotenv_in_the_working_directory_is_read(tmp_path: Path) -> None:
     assert "DB_POOL_SIZE" in result.stderr
 
 
-def test_fresh_machine_runs_on_the_embedded_database_and_keeps_its_data(tmp_path: Path) -> None:
-    env = service_environment(None, API_TOKENS="", EMBEDDED_DB_DIR=str(tmp_path / "pg"))
+def test_fresh_machine_runs_on_the_embedded_database_and_keeps_its_data(
+    tmp_path: Path, embedded_db_dir: Path
+) -> None:
+    env = service_environment(None, API_TOKENS="", EMBEDDED_DB_DIR=str(embedded_db_dir))
     with run_service(env, tmp_path) as service, httpx.Client(base_url=service.base_url) as http:
         body = http.get("/items", params={"min_value": 23}, timeout=10).json()
         assert [item["id"] for item in body["items"]] == [12, 19, 21, 22]
