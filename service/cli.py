@@ -30,6 +30,10 @@ log = logging.getLogger("service.cli")
 
 # Seconds uvicorn waits for in-flight requests after SIGTERM before closing them.
 GRACEFUL_SHUTDOWN_SECONDS = 20
+# Seconds an idle keep-alive connection stays open. uvicorn's 5 s equals common clients' own
+# idle expiry (httpx: 5 s), so a client could reuse a connection the server was closing at that
+# instant and get a reset; it must also outlast load balancers' idle timeouts (often 60 s).
+KEEP_ALIVE_SECONDS = 75
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +122,7 @@ def serve(settings: Settings) -> int:
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
     return 0
 
