@@ -13,6 +13,7 @@ from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
+from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import queries
@@ -69,7 +70,7 @@ async def list_items(
             raise _bad_parameter("min_value", "must be a finite number")
         params["value"] = min_value
         result = await read_session.execute(queries.SELECT_ITEMS_ABOVE_VALUE, params)
-    items = [Item(id=row[0], name=row[1], value=row[2]) for row in result]
+    items = [_item(row) for row in result]
     return ItemPage(items=items, next_after_id=items[-1].id if len(items) == limit else None)
 
 
@@ -81,7 +82,7 @@ async def get_item(read_session: NamedDependency[AsyncSession], item_id: FromPat
         row = (await read_session.execute(queries.SELECT_ITEM, {"id": item_id})).first()
     if row is None:
         raise ProblemException(404, f"no item with id {item_id}")
-    return Item(id=row[0], name=row[1], value=row[2])
+    return _item(row)
 
 
 @post(
@@ -105,7 +106,7 @@ async def create_items(
     result = await db_session.execute(queries.INSERT_ITEMS, params)
     rows = sorted(result.all())
     await db_session.commit()
-    return CreatedItems(items=[Item(id=row[0], name=row[1], value=row[2]) for row in rows])
+    return CreatedItems(items=[_item(row) for row in rows])
 
 
 @patch(
@@ -158,6 +159,11 @@ async def delete_item(db_session: NamedDependency[AsyncSession], item_id: FromPa
         await db_session.commit()
     if deleted is None:
         raise ProblemException(404, f"no item with id {item_id}")
+
+
+def _item(row: Row[Any, Any, Any]) -> Item:
+    """An item from a row of the statements' `id, name, value` columns."""
+    return Item(id=row[0], name=row[1], value=row[2])
 
 
 async def strict_body(request: Request[Any, Any, Any], shape: type[T]) -> T:
