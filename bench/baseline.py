@@ -29,10 +29,18 @@ SELECT_ITEMS_ABOVE_VALUE = (
     "SELECT id, name, value::float8 AS value FROM playing_with_neon "
     "WHERE value > CAST($1 AS float8) AND id > $2 ORDER BY id LIMIT $3"
 )
-LOCK_ITEMS_FOR_UPDATE = (
+# The whole batch in one statement and one round trip, all or nothing: the rows are locked in
+# ascending id order first (a MATERIALIZED CTE, so no plan can reorder the locks), and the UPDATE
+# runs only if every id was found; the locked ids tell which are missing.
+UPDATE_ITEM_VALUES = (
+    "WITH locked AS MATERIALIZED ("
     "SELECT id FROM playing_with_neon WHERE id = ANY(CAST($1 AS int4[])) ORDER BY id FOR UPDATE"
+    "), updated AS ("
+    "UPDATE playing_with_neon AS item SET value = batch.value "
+    "FROM unnest(CAST($1 AS int4[]), CAST($2 AS float8[])) AS batch(id, value) "
+    "WHERE item.id = batch.id AND (SELECT count(*) FROM locked) = cardinality(CAST($1 AS int4[]))"
+    ") SELECT id FROM locked"
 )
-UPDATE_ITEM_VALUE = "UPDATE playing_with_neon SET value = CAST($1 AS float8) WHERE id = $2"
 
 INT4_MAX = 2_147_483_647
 MAX_BATCH = 1000
@@ -152,18 +160,17 @@ class Baseline:
         return encode(ItemPage(items, items[-1].id if len(items) == limit else None))
 
     async def update_values(self, scope: dict[str, Any], receive: Any) -> bytes:
-        """PATCH /items: lock the rows in id order, UPDATE them in one executemany, commit."""
+        """PATCH /items: one statement locks the rows in id order and updates all or none."""
         self.check_token(scope)
         updates = sorted(self.decode_body(await read_body(receive)), key=lambda u: u.id)
         ids = [u.id for u in updates]
         if len(set(ids)) != len(ids):
             raise BadRequest(422, "each id may appear once per batch")
         assert self.pool is not None  # noqa: S101 (set by the lifespan before any request)
-        async with self.pool.acquire() as connection, connection.transaction():
-            locked = await connection.fetch(LOCK_ITEMS_FOR_UPDATE, ids)
-            if len(locked) != len(ids):
-                raise BadRequest(404, "some ids do not exist; nothing was changed")
-            await connection.executemany(UPDATE_ITEM_VALUE, [(u.value, u.id) for u in updates])
+        # Autocommit: the one statement is its own transaction, so no BEGIN and no COMMIT.
+        locked = await self.pool.fetch(UPDATE_ITEM_VALUES, ids, [u.value for u in updates])
+        if len(locked) != len(ids):
+            raise BadRequest(404, "some ids do not exist; nothing was changed")
         return encode(UpdateResult(len(updates)))
 
     def check_token(self, scope: dict[str, Any]) -> None:

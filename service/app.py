@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from litestar import Litestar
 from litestar.datastructures import State
-from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
@@ -24,7 +24,7 @@ from service.config import (
     describe_database,
     load_settings,
 )
-from service.db import create_engine, provide_db_session, provide_read_session, session_factories
+from service.db import SessionPool, create_engine, create_probe_engine
 from service.errors import handle_database_error, handle_http_exception, handle_internal_error
 from service.health import get_liveness, get_readiness
 from service.metrics import Metrics, get_metrics
@@ -35,7 +35,20 @@ from service.shutdown import drain_on_sigterm
 log = logging.getLogger("service.app")
 
 
-def create_app(settings: Settings | None = None) -> Litestar:
+# Allocations between young-generation collections (CPython's default is 700).
+GC_GEN0_THRESHOLD = 50_000
+
+
+def create_served_app() -> Litestar:
+    """The app as uvicorn serves it: settings from the environment, the heap frozen at start.
+
+    Tests build many apps in one process, so freezing (which keeps objects for good) is only
+    for the process that serves one app for its whole life.
+    """
+    return create_app(freeze_after_start=True)
+
+
+def create_app(settings: Settings | None = None, *, freeze_after_start: bool = False) -> Litestar:
     """Build the app; with no settings, read them from the environment and `.env`."""
     settings = settings if settings is not None else load_settings()
     check_writes_are_protected(settings)
@@ -51,9 +64,23 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def engine_lifespan(app: Litestar) -> AsyncIterator[None]:
-        engine = create_engine(settings, observe_pool_wait=metrics.pool_wait.observe)
+        # Behind a transaction-mode pooler a statement must be prepared and run inside one
+        # transaction (the pooler may switch server connections between transactions), so
+        # autocommit is for direct connections only. Every write is one statement, so each is
+        # all or nothing either way.
+        engine = create_engine(settings, autocommit=not settings.db_pgbouncer)
+        sessions = SessionPool(
+            engine,
+            size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            timeout=settings.db_pool_timeout,
+            recycle_seconds=settings.db_pool_recycle,
+            transactional=settings.db_pgbouncer,
+            observe_wait=metrics.pool_wait.observe,
+        )
         app.state.engine = engine
-        app.state.write_sessions, app.state.read_sessions = session_factories(engine, settings)
+        app.state.sessions = sessions
+        app.state.probe_engine = create_probe_engine(settings)
         log.info("using database %s", describe_database(engine.url))
         host = engine.url.host or ""
         if "-pooler" in host and not settings.db_pgbouncer:
@@ -70,11 +97,20 @@ def create_app(settings: Settings | None = None) -> Litestar:
         if settings.auth_disabled:
             log.warning("AUTH_DISABLED: writes are open to anyone who can reach this service")
         stop_watching = drain_on_sigterm(app.state, settings.shutdown_delay_seconds)
+        if freeze_after_start:
+            # Everything built so far (routes, OpenAPI models, SQLAlchemy's registries) lives as
+            # long as the process: move it out of the collector's sight, and collect the young
+            # generation less often, so a collection does not walk it again and again.
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
         try:
             yield
         finally:
             stop_watching()
+            await sessions.close()
             await engine.dispose()
+            await app.state.probe_engine.dispose()
 
     return Litestar(
         route_handlers=[
@@ -87,10 +123,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
             get_readiness,
             get_metrics,
         ],
-        dependencies={
-            "db_session": Provide(provide_db_session),
-            "read_session": Provide(provide_read_session),
-        },
         lifespan=[engine_lifespan],
         state=state,
         middleware=[DefineMiddleware(ObserveRequests, metrics=metrics)],

@@ -111,7 +111,7 @@ def serve(settings: Settings) -> int:
     # status -15; a finished drain is a clean exit, so the re-raised signal lands here instead.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(
-        "service.app:create_app",
+        "service.app:create_served_app",
         factory=True,
         host=settings.host,
         port=settings.port,

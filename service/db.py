@@ -1,22 +1,21 @@
-"""The engine and sessions: one async engine per process, built from the settings."""
+"""The engine and sessions: one async engine per process, built from the settings, and its
+long-lived sessions leased to requests."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 from uuid import uuid4
 
-from litestar.datastructures import State
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
-from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 
 from service.config import Settings
 
@@ -85,69 +84,198 @@ def engine_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-class TimedQueuePool(AsyncAdaptedQueuePool):
-    """SQLAlchemy's asyncio queue pool, timing each checkout for `db_pool_wait_seconds`.
+def create_engine(settings: Settings, *, autocommit: bool = False) -> AsyncEngine:
+    """An engine for the configured database.
 
-    The wait (for a free connection, or to open a new one) happens inside the pool, at a
-    statement's first need of a connection; no event marks its start, so it is timed here.
+    `autocommit` sets the isolation level once per connection, when it is opened (an
+    `execution_options` copy would set it again at every checkout): every statement is then its
+    own transaction, with no BEGIN or COMMIT on the wire. The service's request engine uses it;
+    migrations, seeding and the tests' own engines need real multi-statement transactions.
     """
-
-    observe_wait: Callable[[float], None] = staticmethod(lambda seconds: None)
-
-    def _do_get(self) -> ConnectionPoolEntry:
-        started = time.perf_counter()
-        try:
-            return super()._do_get()
-        finally:
-            self.observe_wait(time.perf_counter() - started)
-
-    def recreate(self) -> QueuePool:
-        pool = super().recreate()  # engine.dispose() swaps in a new pool: keep the observer
-        pool.observe_wait = self.observe_wait  # type: ignore[attr-defined]
-        return pool
-
-
-def create_engine(
-    settings: Settings, observe_pool_wait: Callable[[float], None] | None = None
-) -> AsyncEngine:
-    """The process's one engine, for the configured database."""
     if settings.database_url is None:
         raise RuntimeError("the embedded database must be started before the engine is built")
-    engine = create_async_engine(
-        settings.database_url, poolclass=TimedQueuePool, **engine_options(settings)
-    )
-    if observe_pool_wait is not None:
-        engine.pool.observe_wait = observe_pool_wait  # type: ignore[attr-defined]
-    return engine
+    options = engine_options(settings)
+    if autocommit:
+        options["isolation_level"] = "AUTOCOMMIT"
+    return create_async_engine(settings.database_url, **options)
 
 
-def session_factories(
-    engine: AsyncEngine, settings: Settings
-) -> tuple[async_sessionmaker[AsyncSession], async_sessionmaker[AsyncSession]]:
-    """Session makers for writes (a transaction each) and for reads.
+def create_probe_engine(settings: Settings) -> AsyncEngine:
+    """A one-connection engine for `/readyz`, apart from the request pool.
 
-    A read is one SELECT, so it runs in autocommit mode: no BEGIN and no ROLLBACK, one round
-    trip instead of three. Behind a transaction-mode pooler the statement must be prepared and
-    run on the same server connection, which only a transaction guarantees, so reads keep one.
+    The request pool can be entirely busy under load while the database answers well; a probe
+    queued behind it would fail every pod at once and leave the Service nowhere to send traffic.
     """
-    writes = async_sessionmaker(engine, expire_on_commit=False)
-    if settings.db_pgbouncer:
-        return writes, writes
-    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-    return writes, async_sessionmaker(autocommit, expire_on_commit=False)
+    options = engine_options(settings)
+    options.update(pool_size=1, max_overflow=0, isolation_level="AUTOCOMMIT")
+    assert settings.database_url is not None  # noqa: S101 (checked by the request engine first)
+    return create_async_engine(settings.database_url, **options)
 
 
-async def provide_db_session(state: State) -> AsyncIterator[AsyncSession]:
-    """A request's transactional session; handlers commit explicitly, anything else rolls back.
+class PoolTimeout(PoolTimeoutError):
+    """No session became free within DB_POOL_TIMEOUT (answered as 503)."""
 
-    The session takes its connection at its first statement, after the handler has validated
-    the input, so a bad request gets its 4xx even while the database is away.
+
+class _Slot:
+    """One pooled connection and the long-lived session bound to it."""
+
+    __slots__ = ("connection", "driver", "overflow", "session", "since")
+
+    def __init__(self, overflow: bool) -> None:
+        self.overflow = overflow  # gives its connection back after every lease
+        self.connection: AsyncConnection | None = None
+        self.session: AsyncSession | None = None
+        self.driver: Any = None  # the asyncpg connection, to ask is_closed() without a query
+        self.since = 0.0  # when `connection` was taken from the engine's pool
+
+
+class SessionPool:
+    """Long-lived AsyncSessions, one per pooled connection, leased to one request at a time.
+
+    A request used to build an AsyncSession, check a connection out of the engine's pool, build
+    a Connection and a SessionTransaction, and undo it all afterwards: about half of a read's
+    CPU. Here each slot keeps its connection and its session, and a request only borrows them.
+    The guarantees of the engine's pool are kept: a lease waits at most `timeout` seconds (then
+    `PoolTimeout`, a 503); a failed request rolls its session back and, if the connection is
+    broken or in doubt, gives it back to the engine's pool, which discards it; a connection the
+    driver knows is closed is replaced before it is leased; and after `recycle_seconds` a slot
+    gives its connection back and takes one again, so the pool's recycle applies as before.
+
+    Waiters are served first come, first served: a free slot is handed straight to the oldest
+    waiter. (SQLAlchemy's asyncio pool sits on asyncio.Queue, where a request that has just
+    arrived can take a connection returned for a waiter, which then goes to the back of the
+    line: the long latency tail seen under load.)
     """
-    async with state.write_sessions() as session:
-        yield session
 
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        size: int,
+        max_overflow: int,
+        timeout: float,
+        recycle_seconds: float,
+        transactional: bool,
+        observe_wait: Callable[[float], None] = lambda seconds: None,
+    ) -> None:
+        self.engine = engine
+        self.timeout = timeout
+        self.recycle_seconds = recycle_seconds
+        # Behind a transaction-mode pooler reads run in a transaction too, which a lease ends.
+        self.transactional = transactional
+        self.observe_wait = observe_wait
+        # Popped from the end: the overflow slots are used only when the others are busy.
+        self._idle = [_Slot(overflow=True) for _ in range(max_overflow)]
+        self._idle += [_Slot(overflow=False) for _ in range(size)]
+        self._slots = tuple(self._idle)
+        self._waiters: collections.deque[asyncio.Future[_Slot]] = collections.deque()
 
-async def provide_read_session(state: State) -> AsyncIterator[AsyncSession]:
-    """A request's session for a single read statement."""
-    async with state.read_sessions() as session:
-        yield session
+    @asynccontextmanager
+    async def lease(self) -> AsyncIterator[AsyncSession]:
+        """A session for one request: writes commit explicitly; anything left is undone."""
+        slot = await self._acquire()
+        try:
+            session = slot.session
+            if session is None or self._stale(slot):
+                await self._discard(slot)
+                session = await self._connect(slot)
+            yield session
+            if self.transactional and session.in_transaction():
+                await session.rollback()
+        except BaseException:
+            await self._recover(slot)
+            raise
+        finally:
+            if slot.overflow:
+                await self._discard(slot)
+            self._release(slot)
+
+    @property
+    def checked_out(self) -> int:
+        """Sessions leased to requests right now."""
+        return len(self._slots) - len(self._idle)
+
+    @property
+    def connections(self) -> int:
+        """Database connections the slots hold right now."""
+        return sum(1 for slot in self._slots if slot.connection is not None)
+
+    async def close(self) -> None:
+        """Give every idle slot's connection back (the engine's dispose then closes them)."""
+        for slot in self._idle:
+            await self._discard(slot)
+
+    async def _acquire(self) -> _Slot:
+        if self._idle and not self._waiters:
+            self.observe_wait(0.0)
+            return self._idle.pop()
+        started = time.perf_counter()
+        waiter: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self.timeout):
+                slot = await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._release(waiter.result())  # handed over in the instant the wait ended
+            else:
+                waiter.cancel()
+            if isinstance(exc, TimeoutError):
+                raise PoolTimeout(
+                    f"no database connection became free within {self.timeout:g} s"
+                ) from None
+            raise
+        self.observe_wait(time.perf_counter() - started)
+        return slot
+
+    def _release(self, slot: _Slot) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(slot)
+                return
+        self._idle.append(slot)
+
+    def _stale(self, slot: _Slot) -> bool:
+        # is_closed() is what asyncpg learnt from the socket (the server ended the session, or
+        # restarted): no round trip is spent on it.
+        return bool(slot.driver.is_closed()) or (
+            time.monotonic() - slot.since > self.recycle_seconds
+        )
+
+    async def _connect(self, slot: _Slot) -> AsyncSession:
+        connection = await self.engine.connect()
+        try:
+            raw = await connection.get_raw_connection()
+        except BaseException:
+            await connection.close()
+            raise
+        slot.connection = connection
+        slot.driver = raw.driver_connection
+        slot.since = time.monotonic()
+        slot.session = AsyncSession(bind=connection, expire_on_commit=False)
+        return slot.session
+
+    async def _recover(self, slot: _Slot) -> None:
+        """After a failed request: roll back, or give up a connection that is in doubt."""
+        if slot.session is None or slot.connection is None:
+            return
+        if not slot.connection.invalidated and not slot.driver.is_closed():
+            try:
+                await slot.session.rollback()
+                return
+            except Exception:  # a broken connection, or one interrupted mid-statement
+                log.debug("rollback failed; the connection is discarded", exc_info=True)
+        await self._discard(slot)
+
+    async def _discard(self, slot: _Slot) -> None:
+        connection = slot.connection
+        slot.connection = slot.session = slot.driver = None
+        if connection is None:
+            return
+        try:
+            await connection.close()  # the engine's pool resets it, or drops it if broken
+        except Exception:
+            log.debug("closing a pooled connection failed; invalidating it", exc_info=True)
+            with contextlib.suppress(Exception):
+                await connection.invalidate()

@@ -22,12 +22,16 @@ def get_liveness() -> Health:
 
 @get("/readyz")
 async def get_readiness(state: State) -> Response[Health]:
-    """200 when the database answers `SELECT 1` within 1 s and the process is not draining."""
+    """200 when the database answers `SELECT 1` within 1 s and the process is not draining.
+
+    The check runs on a connection of its own, never queued behind requests: a pod whose
+    database answers is ready even while every pooled connection is busy.
+    """
     if state.draining:
         return Response(Health(status="draining"), status_code=503)
     try:
         async with asyncio.timeout(READINESS_TIMEOUT_SECONDS):
-            async with state.engine.connect() as connection:
+            async with state.probe_engine.connect() as connection:
                 await connection.execute(SELECT_ONE)
     except Exception:  # any failure means "not ready"; the reason is for the logs, not the probe
         return Response(Health(status="database unavailable"), status_code=503)

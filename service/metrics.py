@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from litestar import get
 from litestar.datastructures import State
@@ -11,7 +10,8 @@ from litestar.response import Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.db import SessionPool
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -24,15 +24,20 @@ class PoolCollector(Collector):
         self.state = state
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        engine: AsyncEngine | None = self.state.get("engine")
-        if engine is None:
+        sessions: SessionPool | None = self.state.get("sessions")
+        if sessions is None:
             return
-        pool: Any = engine.pool
+        size = self.state.settings.db_pool_size
+        connections = sessions.connections
         for name, doc, value in (
-            ("db_pool_size", "Connections the pool keeps open.", pool.size()),
-            ("db_pool_checked_out", "Connections in use by requests.", pool.checkedout()),
-            ("db_pool_checked_in", "Idle connections in the pool.", pool.checkedin()),
-            ("db_pool_overflow", "Connections open beyond the pool size.", max(pool.overflow(), 0)),
+            ("db_pool_size", "Connections the pool keeps open.", size),
+            ("db_pool_checked_out", "Connections in use by requests.", sessions.checked_out),
+            ("db_pool_open", "Connections open to the database now.", connections),
+            (
+                "db_pool_overflow",
+                "Connections open beyond the pool size.",
+                max(connections - size, 0),
+            ),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
 

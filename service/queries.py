@@ -18,14 +18,19 @@ SELECT_ITEMS = text(
 
 SELECT_ITEM = text("SELECT id, name, value::float8 AS value FROM playing_with_neon WHERE id = :id")
 
-# Locks the batch's rows in ascending id order before any is changed, so two overlapping
-# batches queue behind each other instead of deadlocking, and tells which ids do not exist.
-LOCK_ITEMS_FOR_UPDATE = text(
+# The whole batch in one statement, so one round trip and all or nothing even in autocommit
+# mode: the rows are locked in ascending id order first (a MATERIALIZED CTE: no plan can reorder
+# the locks), so two overlapping batches queue behind each other instead of deadlocking; the
+# UPDATE runs only if every id was found; the locked ids tell which are missing.
+UPDATE_ITEM_VALUES = text(
+    "WITH locked AS MATERIALIZED ("
     "SELECT id FROM playing_with_neon WHERE id = ANY(CAST(:ids AS int4[])) ORDER BY id FOR UPDATE"
-)
-
-UPDATE_ITEM_VALUE = text(
-    "UPDATE playing_with_neon SET value = CAST(:value AS float8) WHERE id = :id"
+    "), updated AS ("
+    "UPDATE playing_with_neon AS item SET value = batch.value "
+    "FROM unnest(CAST(:ids AS int4[]), CAST(:values AS float8[])) AS batch(id, value) "
+    "WHERE item.id = batch.id "
+    "AND (SELECT count(*) FROM locked) = cardinality(CAST(:ids AS int4[]))"
+    ") SELECT id FROM locked"
 )
 
 # One statement for the whole batch; ORDER BY keeps the generated ids in the order given.

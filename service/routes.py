@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import msgspec
 from litestar import Request, delete, get, patch, post
 from litestar.datastructures import State
-from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import queries
 from service.auth import WRITE_SECURITY, require_json, require_token
@@ -25,12 +22,12 @@ from service.schemas import (
     Item,
     ItemPage,
     NewItem,
+    NewItemsBody,
     Problem,
     UpdateResult,
     ValueUpdate,
+    ValueUpdatesBody,
 )
-
-T = TypeVar("T")
 
 PROBLEM = ResponseSpec(
     Problem, description="Problem document", media_type="application/problem+json"
@@ -50,7 +47,7 @@ WRITE_ERRORS = {
 
 @get("/items", responses=READ_ERRORS)
 async def list_items(
-    read_session: NamedDependency[AsyncSession],
+    state: State,
     request: Request[Any, Any, Any],
     min_value: Annotated[
         float | None, QueryParameter(description="Only rows whose value is greater than this.")
@@ -63,23 +60,24 @@ async def list_items(
     """Rows in id order, optionally only those whose value is above `min_value`."""
     _check_given_once(request, ("min_value", "limit", "after_id"))
     params: dict[str, object] = {"after_id": after_id, "limit": limit}
-    if min_value is None:
-        result = await read_session.execute(queries.SELECT_ITEMS, params)
-    else:
+    statement = queries.SELECT_ITEMS
+    if min_value is not None:
         if not math.isfinite(min_value):
             raise _bad_parameter("min_value", "must be a finite number")
         params["value"] = min_value
-        result = await read_session.execute(queries.SELECT_ITEMS_ABOVE_VALUE, params)
-    items = [_item(row) for row in result]
+        statement = queries.SELECT_ITEMS_ABOVE_VALUE
+    async with state.sessions.lease() as session:
+        items = [_item(row) for row in await session.execute(statement, params)]
     return ItemPage(items=items, next_after_id=items[-1].id if len(items) == limit else None)
 
 
 @get("/items/{item_id:int}", responses={404: PROBLEM, 503: PROBLEM})
-async def get_item(read_session: NamedDependency[AsyncSession], item_id: FromPath[int]) -> Item:
+async def get_item(state: State, item_id: FromPath[int]) -> Item:
     """One row by id."""
     row = None
     if 1 <= item_id <= INT4_MAX:
-        row = (await read_session.execute(queries.SELECT_ITEM, {"id": item_id})).first()
+        async with state.sessions.lease() as session:
+            row = (await session.execute(queries.SELECT_ITEM, {"id": item_id})).first()
     if row is None:
         raise ProblemException(404, f"no item with id {item_id}")
     return _item(row)
@@ -90,22 +88,18 @@ async def get_item(read_session: NamedDependency[AsyncSession], item_id: FromPat
     guards=[require_token, require_json],
     security=WRITE_SECURITY,
     responses=WRITE_ERRORS,
-    description="Inserts all rows in one transaction; answers them with their new ids.",
+    description="Inserts all rows in one statement, all or none; answers them with their new ids.",
+    dto=NewItemsBody,
+    return_dto=None,
 )
-async def create_items(
-    db_session: NamedDependency[AsyncSession],
-    state: State,
-    request: Request[Any, Any, Any],
-    data: JSONBody[list[NewItem]],
-) -> CreatedItems:
+async def create_items(state: State, data: JSONBody[list[NewItem]]) -> CreatedItems:
     """Insert a batch of rows."""
-    data = await strict_body(request, list[NewItem])
     _check_batch_size(len(data), state.settings.max_batch)
     _check_names(data)
     params = {"names": [item.name for item in data], "values": [item.value for item in data]}
-    result = await db_session.execute(queries.INSERT_ITEMS, params)
-    rows = sorted(result.all())
-    await db_session.commit()
+    async with state.sessions.lease() as session:
+        rows = sorted((await session.execute(queries.INSERT_ITEMS, params)).all())
+        await session.commit()
     return CreatedItems(items=[_item(row) for row in rows])
 
 
@@ -118,30 +112,25 @@ async def create_items(
         "Applies every new value in one transaction, all or nothing: if any id is missing,"
         " nothing changes and the answer is 404 with `missing_ids`."
     ),
+    dto=ValueUpdatesBody,
+    return_dto=None,
 )
-async def update_values(
-    db_session: NamedDependency[AsyncSession],
-    state: State,
-    request: Request[Any, Any, Any],
-    data: JSONBody[list[ValueUpdate]],
-) -> UpdateResult:
+async def update_values(state: State, data: JSONBody[list[ValueUpdate]]) -> UpdateResult:
     """Set new values on existing rows, as one batched UPDATE."""
-    data = await strict_body(request, list[ValueUpdate])
     _check_batch_size(len(data), state.settings.max_batch)
     updates = sorted(data, key=lambda update: update.id)
     _check_unique_ids(updates)
     ids = [update.id for update in updates]
-    locked = (await db_session.execute(queries.LOCK_ITEMS_FOR_UPDATE, {"ids": ids})).scalars()
-    missing = sorted(set(ids).difference(locked))
-    if missing:
-        await db_session.rollback()
+    params = {"ids": ids, "values": [update.value for update in updates]}
+    async with state.sessions.lease() as session:
+        locked = (await session.execute(queries.UPDATE_ITEM_VALUES, params)).scalars().all()
+        await session.commit()
+    if len(locked) != len(ids):
+        missing = sorted(set(ids).difference(locked))
         raise ProblemException(
             404, "some ids do not exist; nothing was changed", missing_ids=missing
         )
-    params = [{"id": update.id, "value": update.value} for update in updates]
-    await db_session.execute(queries.UPDATE_ITEM_VALUE, params)
-    await db_session.commit()
-    return UpdateResult(updated=len(params))
+    return UpdateResult(updated=len(ids))
 
 
 @delete(
@@ -150,13 +139,14 @@ async def update_values(
     guards=[require_token],
     responses={401: PROBLEM, 404: PROBLEM, 503: PROBLEM},
 )
-async def delete_item(db_session: NamedDependency[AsyncSession], item_id: FromPath[int]) -> None:
+async def delete_item(state: State, item_id: FromPath[int]) -> None:
     """Delete one row by id."""
     deleted = None
     if 1 <= item_id <= INT4_MAX:
-        result = await db_session.execute(queries.DELETE_ITEM, {"id": item_id})
-        deleted = result.scalar_one_or_none()
-        await db_session.commit()
+        async with state.sessions.lease() as session:
+            result = await session.execute(queries.DELETE_ITEM, {"id": item_id})
+            deleted = result.scalar_one_or_none()
+            await session.commit()
     if deleted is None:
         raise ProblemException(404, f"no item with id {item_id}")
 
@@ -164,22 +154,6 @@ async def delete_item(db_session: NamedDependency[AsyncSession], item_id: FromPa
 def _item(row: Row[Any, Any, Any]) -> Item:
     """An item from a row of the statements' `id, name, value` columns."""
     return Item(id=row[0], name=row[1], value=row[2])
-
-
-async def strict_body(request: Request[Any, Any, Any], shape: type[T]) -> T:
-    """The JSON body decoded strictly: "5" is not an id and "1.5" is not a value.
-
-    Litestar has already parsed `data` (which also gives the OpenAPI document its request body),
-    but it coerces strings to numbers; the body it read is cached, so decoding again is cheap.
-    """
-    try:
-        return msgspec.json.decode(await request.body(), type=shape, strict=True)
-    except msgspec.ValidationError as exc:
-        raise ProblemException(
-            422,
-            f"the request body is invalid: {exc}",
-            errors=[{"message": str(exc), "source": "body"}],
-        ) from None
 
 
 def _check_batch_size(size: int, max_batch: int) -> None:

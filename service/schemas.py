@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import msgspec
+from litestar.dto import MsgspecDTO
+
+from service.errors import ProblemException
+
+if TYPE_CHECKING:
+    from litestar._openapi.schema_generation import SchemaCreator
+    from litestar.openapi.spec import Reference, Schema
+    from litestar.typing import FieldDefinition
 
 INT4_MAX = 2_147_483_647
 FLOAT8_MAX = 1.7976931348623157e308
@@ -71,3 +79,45 @@ class Problem(msgspec.Struct, omit_defaults=True):
     type: str = "about:blank"
     errors: list[dict[str, Any]] | None = None
     missing_ids: list[int] | None = None
+
+
+class _StrictJSONBody:
+    """A request body decoded once, strictly: "5" is not an id and "1.5" is not a value.
+
+    Mixed into a DTO because Litestar then hands the raw body to `decode_bytes` and validates
+    nothing itself, while the OpenAPI document still shows the body's schema. (A plain `data`
+    parameter is parsed leniently by Litestar, so it would have to be decoded a second time.)
+    """
+
+    decoder: ClassVar[msgspec.json.Decoder[Any]]
+
+    def decode_bytes(self, value: bytes) -> Any:
+        try:
+            return self.decoder.decode(value)
+        except msgspec.ValidationError as exc:
+            raise ProblemException(
+                422,
+                f"the request body is invalid: {exc}",
+                errors=[{"message": str(exc), "source": "body"}],
+            ) from None
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            raise ProblemException(400, "the request body is not valid JSON") from None
+
+    @classmethod
+    def create_openapi_schema(
+        cls, field_definition: FieldDefinition, handler_id: str, schema_creator: SchemaCreator
+    ) -> Reference | Schema:
+        """The body's own schema (components NewItem, ValueUpdate), not a DTO transfer model."""
+        return schema_creator.for_field_definition(field_definition)
+
+
+class NewItemsBody(_StrictJSONBody, MsgspecDTO[NewItem]):
+    """POST /items: a JSON array of new rows."""
+
+    decoder = msgspec.json.Decoder(list[NewItem], strict=True)
+
+
+class ValueUpdatesBody(_StrictJSONBody, MsgspecDTO[ValueUpdate]):
+    """PATCH /items: a JSON array of {id, value}."""
+
+    decoder = msgspec.json.Decoder(list[ValueUpdate], strict=True)

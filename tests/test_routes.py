@@ -204,8 +204,9 @@ async def test_bad_post_batch_is_422(client: Client, engine: AsyncEngine, rows: 
         (b"not json", "application/json", 400),
         (b'[{"id": 5, "value": NaN}]', "application/json", 400),
         (b'[{"id": 5, "value": Infinity}]', "application/json", 400),
-        (b'[{"id": 5, "value": 1e400}]', "application/json", 400),
-        (b'[{"id": 5, "value": -1e400}]', "application/json", 400),
+        # Well-formed JSON, but past float8: the value is refused, not the syntax.
+        (b'[{"id": 5, "value": 1e400}]', "application/json", 422),
+        (b'[{"id": 5, "value": -1e400}]', "application/json", 422),
         (b'[{"id": 5, "value": 1}]', "text/plain", 415),
         (b'[{"id": 5, "value": 1}]', "application/x-www-form-urlencoded", 415),
     ],
