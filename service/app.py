@@ -27,6 +27,7 @@ from service.config import (
 from service.db import SessionPool, create_engine, create_probe_engine
 from service.errors import handle_database_error, handle_http_exception, handle_internal_error
 from service.health import get_liveness, get_readiness
+from service.logs import AccessLog
 from service.metrics import Metrics, get_metrics
 from service.middleware import ObserveRequests, add_response_headers
 from service.routes import create_items, delete_item, get_item, list_items, update_values
@@ -125,7 +126,14 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
         ],
         lifespan=[engine_lifespan],
         state=state,
-        middleware=[DefineMiddleware(ObserveRequests, metrics=metrics)],
+        middleware=[
+            DefineMiddleware(
+                ObserveRequests,
+                metrics=metrics,
+                access_log=AccessLog(settings.access_log, settings.log_format, settings.log_level),
+                max_in_flight=settings.in_flight_limit,
+            )
+        ],
         before_send=[add_response_headers],
         exception_handlers={
             HTTPException: handle_http_exception,

@@ -20,6 +20,7 @@ SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"
 CHANNEL_BINDINGS = ("disable", "prefer", "require")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ACCESS_LOG_MODES = ("all", "errors", "off")
 POSTGRES_DRIVERNAMES = (
     "postgres",
     "postgresql",
@@ -89,8 +90,18 @@ class Settings:
     log_level: str = "INFO"
     # "json": one JSON object per line, for log collectors; "console": plain text for people.
     log_format: str = "json"
+    # One access line per request ("all"), only for answers >= 400 ("errors"), or none ("off").
+    access_log: str = "all"
+    # Requests to /items in progress at once per process; the excess is answered 503 at once.
+    # 0 means 8 per pooled connection (DB_POOL_SIZE + DB_MAX_OVERFLOW).
+    max_in_flight: int = 0
     # Data folder of the embedded development database.
     embedded_db_dir: Path = Path(".data/postgres")
+
+    @property
+    def in_flight_limit(self) -> int:
+        """MAX_IN_FLIGHT, or its default derived from the pool."""
+        return self.max_in_flight or 8 * (self.db_pool_size + self.db_max_overflow)
 
     @property
     def uses_embedded_database(self) -> bool:
@@ -147,6 +158,8 @@ def load_settings(
         workers=_int(get, "WORKERS", 1, minimum=1, maximum=64),
         log_level=_choice(get, "LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
         log_format=_choice(get, "LOG_FORMAT", "json", LOG_FORMATS, upper=False),
+        access_log=_choice(get, "ACCESS_LOG", "all", ACCESS_LOG_MODES, upper=False),
+        max_in_flight=_int(get, "MAX_IN_FLIGHT", 0, minimum=0, maximum=1_000_000),
         embedded_db_dir=Path(get("EMBEDDED_DB_DIR") or ".data/postgres"),
     )
     return settings

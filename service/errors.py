@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import traceback
 from http import HTTPStatus
 from typing import Any
 
@@ -95,22 +94,8 @@ def handle_database_error(request: Request[Any, Any, Any], exc: Exception) -> Re
 
 def handle_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """The last resort: log the exception, answer without any detail of it."""
-    if _body_decoding_failure(exc):
-        return problem_response(400, "the request body is not valid JSON")
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(500, "an internal error occurred")
-
-
-def _body_decoding_failure(exc: Exception) -> bool:
-    """True for the two decoder errors Litestar lets escape from reading a JSON body.
-
-    Litestar turns msgspec's DecodeError into a 400 but not the UnicodeDecodeError of invalid
-    UTF-8 inside a string, nor the RecursionError of very deep nesting (`[[[[…`), which would
-    otherwise be 500s; they are a client's fault only when raised while decoding the body.
-    """
-    if not isinstance(exc, UnicodeDecodeError | RecursionError):
-        return False
-    return any(frame.name == "decode_json" for frame in traceback.extract_tb(exc.__traceback__))
 
 
 def _validation_problem(exc: ValidationException) -> Response[Any]:

@@ -1,11 +1,21 @@
-"""Logging: one JSON object per line (or plain text for a laptop), applied in every worker."""
+"""Logging: one JSON object per line (or plain text for a laptop), written off the event loop.
+
+One thread per process owns stderr. Log records and access lines are handed to it through a
+queue, so a slow reader of the stream (a container runtime's pipe, a terminal) never blocks the
+event loop. Access lines skip the `LogRecord` machinery: they are built directly, once.
+"""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import logging.config
+import os
+import queue
+import sys
+import threading
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 import msgspec
 
@@ -22,7 +32,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": _timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -33,6 +43,123 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return msgspec.json.encode(line, enc_hook=str).decode()
+
+
+class StderrWriter:
+    """The thread that owns stderr in this process; others hand it whole lines."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="stderr-writer", daemon=True)
+        self.thread.start()
+        atexit.register(self.close)
+
+    def write(self, line: str) -> None:
+        """Queue one line (with its newline); never blocks."""
+        self.lines.put(line)
+
+    def close(self) -> None:
+        """Write what is queued, then stop (at exit: no line is lost)."""
+        if self.thread.is_alive():
+            self.lines.put(None)
+            self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.lines.get()]
+            while len(batch) < 256:  # whatever else is waiting goes out in the same write
+                try:
+                    batch.append(self.lines.get_nowait())
+                except queue.Empty:
+                    break
+            done = None in batch
+            try:
+                self.stream.write("".join(line for line in batch if line is not None))
+                self.stream.flush()
+            except (OSError, ValueError):  # the stream is gone (closed pipe): nothing to do
+                pass
+            if done:
+                return
+
+
+_writer: StderrWriter | None = None
+_writer_pid = 0
+_writer_lock = threading.Lock()
+
+
+def stderr_writer() -> StderrWriter:
+    """This process's writer, started on first use (uvicorn's workers are new processes)."""
+    global _writer, _writer_pid
+    if _writer is None or _writer_pid != os.getpid():
+        with _writer_lock:
+            if _writer is None or _writer_pid != os.getpid():
+                _writer, _writer_pid = StderrWriter(sys.stderr), os.getpid()
+    return _writer
+
+
+class QueuedStderrHandler(logging.Handler):
+    """A logging handler that formats in the caller and leaves the write to the writer thread."""
+
+    def __init__(self, writer: StderrWriter | None = None) -> None:
+        super().__init__()
+        self.writer = writer  # None: this process's stderr writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            (self.writer or stderr_writer()).write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+class _AccessHTTP(msgspec.Struct):
+    method: str
+    route: str
+    status: int
+    duration_ms: float
+
+
+class _AccessLine(msgspec.Struct):
+    time: str
+    level: str
+    logger: str
+    message: str
+    http: _AccessHTTP
+    request_id: str
+
+
+_encode_access = msgspec.json.Encoder().encode
+
+
+class AccessLog:
+    """One line per request: `all`, only `errors` (status >= 400), or `off`."""
+
+    def __init__(self, mode: str, log_format: str, level: str) -> None:
+        self.enabled = mode != "off" and logging.getLevelName(level) <= logging.INFO
+        self.errors_only = mode == "errors"
+        self.json = log_format == "json"
+
+    def record(self, method: str, route: str, status: int, seconds: float, request_id: str) -> None:
+        """Queue the request's line, if this mode keeps it."""
+        if not self.enabled or (self.errors_only and status < 400):
+            return
+        message = f"{method} {route} {status}"
+        duration_ms = round(seconds * 1000, 2)
+        now = datetime.now(UTC)
+        if self.json:
+            line = _AccessLine(
+                time=now.isoformat(timespec="milliseconds"),
+                level="INFO",
+                logger="service.access",
+                message=message,
+                http=_AccessHTTP(method, route, status, duration_ms),
+                request_id=request_id,
+            )
+            text = _encode_access(line).decode() + "\n"
+        else:
+            stamp = now.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+            text = f"{stamp} INFO service.access: {message} {duration_ms} ms {request_id}\n"
+        stderr_writer().write(text)
 
 
 def logging_config(level: str, log_format: str = "json") -> dict[str, Any]:
@@ -46,7 +173,7 @@ def logging_config(level: str, log_format: str = "json") -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "default"}},
+        "handlers": {"stderr": {"()": QueuedStderrHandler, "formatter": "default"}},
         "root": {"handlers": ["stderr"], "level": level},
         "loggers": {
             "uvicorn": {"level": level},
@@ -62,3 +189,7 @@ def logging_config(level: str, log_format: str = "json") -> dict[str, Any]:
 def configure_logging(level: str, log_format: str = "json") -> None:
     """Apply `logging_config` in this process."""
     logging.config.dictConfig(logging_config(level, log_format))
+
+
+def _timestamp(created: float) -> str:
+    return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")

@@ -60,9 +60,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        # Counted by the middleware as a plain int, read only at scrape time.
+        self.requests_in_flight = 0
         self.in_flight = Gauge(
             "http_requests_in_flight", "Requests being handled now.", registry=self.registry
         )
+        self.in_flight.set_function(lambda: self.requests_in_flight)
         self.pool_wait = Histogram(
             "db_pool_wait_seconds",
             "Time a request waited for a database connection.",

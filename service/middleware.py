@@ -1,24 +1,38 @@
-"""Per-request observability: request id, one access log line, metrics, response headers."""
+"""Per-request duties: request id, load shedding, metrics, one access line, response headers."""
 
 from __future__ import annotations
 
-import logging
+import os
 import re
-import secrets
 import time
+from http import HTTPStatus
+from itertools import count
 from typing import Any
 
+import msgspec
 from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import (
+    ASGIApp,
+    HTTPResponseBodyEvent,
+    HTTPResponseStartEvent,
+    Message,
+    Receive,
+    Scope,
+    Send,
+)
 
+from service.logs import AccessLog
 from service.metrics import Metrics
-
-access_log = logging.getLogger("service.access")
 
 REQUEST_ID_HEADER = "x-request-id"
 # An incoming id is echoed only if it is short and plain, so it cannot forge log fields.
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# New ids: a random per-process prefix and a counter, 32 hex digits like a UUID. Unique across
+# processes and pods without a system call per request; an id needs to be unique, not secret.
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = count(1)
+RETRY_AFTER_SECONDS = b"1"
 
 
 def request_id_of(scope: Scope) -> str:
@@ -31,7 +45,10 @@ def request_id_of(scope: Scope) -> str:
             if name == b"x-request-id":
                 incoming = value.decode("latin-1")
                 break
-        request_id = incoming if VALID_REQUEST_ID.fullmatch(incoming) else secrets.token_hex(16)
+        if VALID_REQUEST_ID.fullmatch(incoming):
+            request_id = incoming
+        else:
+            request_id = f"{_ID_PREFIX}{next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
         state["request_id"] = request_id
     return request_id
 
@@ -50,24 +67,46 @@ async def add_response_headers(message: Message, scope: Scope) -> None:
         headers["connection"] = "close"
 
 
-class ObserveRequests:
-    """ASGI middleware around every routed HTTP request."""
+def _overloaded_body(limit: int) -> bytes:
+    return msgspec.json.encode(
+        {
+            "type": "about:blank",
+            "title": HTTPStatus.SERVICE_UNAVAILABLE.phrase,
+            "status": 503,
+            "detail": f"the service is at capacity ({limit} requests in progress); retry shortly",
+        }
+    )
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+
+class ObserveRequests:
+    """ASGI middleware around every routed HTTP request.
+
+    Requests to /items beyond `max_in_flight` at once are answered 503 with Retry-After at
+    once, without touching the database: past that point more requests in flight only wait
+    longer for a pooled connection, and every client's latency grows with the queue. Probes and
+    metrics are never shed.
+    """
+
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, access_log: AccessLog, max_in_flight: int
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
+        self.max_in_flight = max_in_flight
+        self.overloaded_body = _overloaded_body(max_in_flight)
         # prometheus_client's labels() builds and hashes a key on every call; the handful of
         # (method, route, status) combinations are looked up once and kept.
-        self.children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self.children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
             await self.app(scope, receive, send)
             return
-        method: str = scope["method"]
         started = time.perf_counter()
-        status = 500  # if the app fails before it answers, uvicorn sends a 500
         request_id = request_id_of(scope)
+        route: str = scope.get("path_template") or "unmatched"
+        status = 500  # if the app fails before it answers, uvicorn sends a 500
 
         async def observed_send(message: Message) -> None:
             nonlocal status
@@ -75,39 +114,43 @@ class ObserveRequests:
                 status = message["status"]
             await send(message)
 
-        self.metrics.in_flight.inc()
+        metrics = self.metrics
+        metrics.requests_in_flight += 1  # one count for the process: Litestar builds this per route
         try:
-            await self.app(scope, receive, observed_send)
+            if metrics.requests_in_flight > self.max_in_flight and route.startswith("/items"):
+                await self._refuse(observed_send)
+            else:
+                await self.app(scope, receive, observed_send)
         finally:
-            self.metrics.in_flight.dec()
+            metrics.requests_in_flight -= 1
             elapsed = time.perf_counter() - started
-            route = scope.get("path_template") or "unmatched"
-            labels: dict[str, Any] = {
-                "method": method,
-                "route": route,
-                "status": str(status),
-            }
-            key = (method, route, labels["status"])
+            method: str = scope["method"]
+            key = (method, route, status)
             children = self.children.get(key)
             if children is None:
+                labels = {"method": method, "route": route, "status": str(status)}
                 children = self.children[key] = (
-                    self.metrics.requests.labels(**labels),
-                    self.metrics.latency.labels(**labels),
+                    metrics.requests.labels(**labels),
+                    metrics.latency.labels(**labels),
                 )
             children[0].inc()
             children[1].observe(elapsed)
-            if access_log.isEnabledFor(logging.INFO):
-                access_log.info(
-                    "%s %s %s",
-                    method,
-                    route,
-                    status,
-                    extra={
-                        "http": {
-                            **labels,
-                            "status": status,
-                            "duration_ms": round(elapsed * 1000, 2),
-                        },
-                        "request_id": request_id,
-                    },
-                )
+            self.access_log.record(method, route, status, elapsed, request_id)
+
+    async def _refuse(self, send: Send) -> None:
+        start: HTTPResponseStartEvent = {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"retry-after", RETRY_AFTER_SECONDS),
+                (b"content-length", str(len(self.overloaded_body)).encode()),
+            ],
+        }
+        body: HTTPResponseBodyEvent = {
+            "type": "http.response.body",
+            "body": self.overloaded_body,
+            "more_body": False,
+        }
+        await send(start)
+        await send(body)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import signal
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from litestar.testing import AsyncTestClient
+from sqlalchemy.engine import URL
 
-from service.logs import JsonFormatter
-from tests.conftest import AUTH
+from service.logs import JsonFormatter, QueuedStderrHandler, StderrWriter
+from tests.conftest import AUTH, run_service, service_environment
 
 Client = AsyncTestClient[Any]
 
@@ -60,17 +66,46 @@ async def test_every_response_has_security_headers(client: Client, method: str, 
     assert "access-control-allow-origin" not in response.headers
 
 
-async def test_one_access_log_line_per_request(
-    client: Client, caplog: pytest.LogCaptureFixture
+def access_lines(log: str) -> list[dict[str, Any]]:
+    """The access log's JSON lines in a service's output."""
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    return [line for line in lines if line["logger"] == "service.access"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("mode", "logged_statuses"), [("all", [200, 404]), ("errors", [404]), ("off", [])]
+)
+def test_access_log_writes_one_line_per_request_as_configured(
+    database_url: URL, notebook_rows: None, tmp_path: Path, mode: str, logged_statuses: list[int]
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="service.access"):
-        await client.get("/items/6", headers={"X-Request-ID": "req-42"})
-    records = [r for r in caplog.records if r.name == "service.access"]
-    assert len(records) == 1
-    line = json.loads(JsonFormatter().format(records[0]))
-    assert line["request_id"] == "req-42"
-    assert line["http"]["method"] == "GET"
-    assert line["http"]["route"] == "/items/{item_id}"
-    assert line["http"]["status"] == 200
-    assert line["http"]["duration_ms"] >= 0
-    assert line["level"] == "INFO" and line["logger"] == "service.access"
+    env = service_environment(database_url, ACCESS_LOG=mode)
+    with run_service(env, tmp_path) as service, httpx.Client(base_url=service.base_url) as http:
+        assert http.get("/items/6", headers={"X-Request-ID": "req-42"}).status_code == 200
+        assert http.get("/items/999", headers={"X-Request-ID": "req-43"}).status_code == 404
+        service.process.send_signal(signal.SIGTERM)
+        assert service.process.wait(timeout=30) == 0  # queued lines are written before exit
+    lines = [line for line in access_lines(service.log()) if line["http"]["route"] != "/healthz"]
+    assert [line["http"]["status"] for line in lines] == logged_statuses
+    if mode == "all":
+        line = lines[0]
+        assert line["request_id"] == "req-42"
+        assert line["http"]["method"] == "GET"
+        assert line["http"]["route"] == "/items/{item_id}"
+        assert line["http"]["duration_ms"] >= 0
+        assert line["level"] == "INFO" and line["message"] == "GET /items/{item_id} 200"
+        assert datetime.fromisoformat(line["time"]).tzinfo is not None
+
+
+def test_log_records_are_written_by_the_writer_thread_as_json() -> None:
+    stream = io.StringIO()
+    writer = StderrWriter(stream)
+    handler = QueuedStderrHandler(writer)
+    handler.setFormatter(JsonFormatter())
+    record = logging.makeLogRecord(
+        {"name": "service.test", "levelname": "WARNING", "msg": "hello %s", "args": ("x",)}
+    )
+    handler.emit(record)
+    writer.close()
+    line = json.loads(stream.getvalue())
+    assert line["message"] == "hello x" and line["level"] == "WARNING"
