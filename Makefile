@@ -43,8 +43,14 @@ load: $(STAMP)
 
 # The service (1 and 2 workers) against a bare ASGI + asyncpg baseline under wrk, interleaved
 # rounds on one embedded PostgreSQL; about 8 minutes; writes bench/RESULTS.md.
-bench: $(STAMP)
+bench: $(STAMP) .venv-bench/.installed
 	$(BIN)/python bench/run.py
+
+# py-spy for the benchmark's profiles, in a virtual environment of its own.
+.venv-bench/.installed: requirements-bench.lock
+	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install --quiet --require-hashes --no-deps -r requirements-bench.lock
+	touch .venv-bench/.installed
 
 $(STAMP): requirements-dev.lock
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
