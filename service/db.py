@@ -9,8 +9,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 from uuid import uuid4
 
@@ -170,25 +169,12 @@ class SessionPool:
         self._slots = tuple(self._idle)
         self._waiters: collections.deque[asyncio.Future[_Slot]] = collections.deque()
 
-    @asynccontextmanager
-    async def lease(self) -> AsyncIterator[AsyncSession]:
-        """A session for one request: writes commit explicitly; anything left is undone."""
-        slot = await self._acquire()
-        try:
-            session = slot.session
-            if session is None or self._stale(slot):
-                await self._discard(slot)
-                session = await self._connect(slot)
-            yield session
-            if self.transactional and session.in_transaction():
-                await session.rollback()
-        except BaseException:
-            await self._recover(slot)
-            raise
-        finally:
-            if slot.overflow:
-                await self._discard(slot)
-            self._release(slot)
+    def lease(self) -> _Lease:
+        """`async with pool.lease() as session`: a session for one request.
+
+        Writes commit explicitly; whatever a request leaves open is undone when it ends.
+        """
+        return _Lease(self)
 
     @property
     def checked_out(self) -> int:
@@ -210,21 +196,19 @@ class SessionPool:
             self.observe_wait(0.0)
             return self._idle.pop()
         started = time.perf_counter()
-        waiter: asyncio.Future[_Slot] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[_Slot] = loop.create_future()
         self._waiters.append(waiter)
+        expiry = loop.call_later(self.timeout, _expire, waiter, self.timeout)
         try:
-            async with asyncio.timeout(self.timeout):
-                slot = await waiter
-        except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():
-                self._release(waiter.result())  # handed over in the instant the wait ended
-            else:
-                waiter.cancel()
-            if isinstance(exc, TimeoutError):
-                raise PoolTimeout(
-                    f"no database connection became free within {self.timeout:g} s"
-                ) from None
+            slot = await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(waiter.result())  # handed over in the instant we were cancelled
+            waiter.cancel()
             raise
+        finally:
+            expiry.cancel()
         self.observe_wait(time.perf_counter() - started)
         return slot
 
@@ -279,3 +263,51 @@ class SessionPool:
             log.debug("closing a pooled connection failed; invalidating it", exc_info=True)
             with contextlib.suppress(Exception):
                 await connection.invalidate()
+
+
+class _Lease:
+    """What `SessionPool.lease()` returns: a class, not a generator, to keep a request cheap."""
+
+    __slots__ = ("pool", "slot")
+
+    def __init__(self, pool: SessionPool) -> None:
+        self.pool = pool
+        self.slot: _Slot | None = None
+
+    async def __aenter__(self) -> AsyncSession:
+        pool = self.pool
+        slot = self.slot = await pool._acquire()
+        try:
+            session = slot.session
+            if session is None or pool._stale(slot):
+                await pool._discard(slot)
+                session = await pool._connect(slot)
+        except BaseException:
+            pool._release(slot)
+            raise
+        return session
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, _: object
+    ) -> None:
+        pool, slot = self.pool, self.slot
+        assert slot is not None and slot.session is not None  # noqa: S101 (set on enter)
+        try:
+            if error is not None:
+                await pool._recover(slot)
+            elif pool.transactional and slot.session.in_transaction():
+                await slot.session.rollback()
+            if slot.overflow:
+                await pool._discard(slot)
+        except BaseException:
+            await pool._discard(slot)
+            raise
+        finally:
+            pool._release(slot)
+
+
+def _expire(waiter: asyncio.Future[_Slot], timeout: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(
+            PoolTimeout(f"no database connection became free within {timeout:g} s")
+        )

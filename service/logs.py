@@ -14,6 +14,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -83,19 +84,30 @@ class StderrWriter:
                 return
 
 
-_writer: StderrWriter | None = None
-_writer_pid = 0
+_current_writer: StderrWriter | None = None
 _writer_lock = threading.Lock()
 
 
 def stderr_writer() -> StderrWriter:
     """This process's writer, started on first use (uvicorn's workers are new processes)."""
-    global _writer, _writer_pid
-    if _writer is None or _writer_pid != os.getpid():
-        with _writer_lock:
-            if _writer is None or _writer_pid != os.getpid():
-                _writer, _writer_pid = StderrWriter(sys.stderr), os.getpid()
-    return _writer
+    global _current_writer
+    with _writer_lock:
+        if _current_writer is None:
+            _current_writer = StderrWriter(sys.stderr)
+        return _current_writer
+
+
+def _writer() -> StderrWriter:
+    return _current_writer or stderr_writer()
+
+
+def _forget_writer_after_fork() -> None:
+    # A forked child has the parent's queue but not its thread: it starts a writer of its own.
+    global _current_writer
+    _current_writer = None
+
+
+os.register_at_fork(after_in_child=_forget_writer_after_fork)
 
 
 class QueuedStderrHandler(logging.Handler):
@@ -107,59 +119,53 @@ class QueuedStderrHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            (self.writer or stderr_writer()).write(self.format(record) + "\n")
+            (self.writer or _writer()).write(self.format(record) + "\n")
         except Exception:
             self.handleError(record)
 
 
-class _AccessHTTP(msgspec.Struct):
-    method: str
-    route: str
-    status: int
-    duration_ms: float
-
-
-class _AccessLine(msgspec.Struct):
-    time: str
-    level: str
-    logger: str
-    message: str
-    http: _AccessHTTP
-    request_id: str
-
-
-_encode_access = msgspec.json.Encoder().encode
-
-
 class AccessLog:
-    """One line per request: `all`, only `errors` (status >= 400), or `off`."""
+    """One line per request: `all`, only `errors` (status >= 400), or `off`.
+
+    The JSON line is built with one f-string: every field is either a number or a string that
+    cannot hold a quote or a backslash (an HTTP method token, a route template of ours, a
+    request id that `service.middleware` has checked against its pattern).
+    """
 
     def __init__(self, mode: str, log_format: str, level: str) -> None:
         self.enabled = mode != "off" and logging.getLevelName(level) <= logging.INFO
         self.errors_only = mode == "errors"
         self.json = log_format == "json"
+        self._second = -1
+        self._second_text = ""
 
     def record(self, method: str, route: str, status: int, seconds: float, request_id: str) -> None:
         """Queue the request's line, if this mode keeps it."""
         if not self.enabled or (self.errors_only and status < 400):
             return
-        message = f"{method} {route} {status}"
-        duration_ms = round(seconds * 1000, 2)
-        now = datetime.now(UTC)
-        if self.json:
-            line = _AccessLine(
-                time=now.isoformat(timespec="milliseconds"),
-                level="INFO",
-                logger="service.access",
-                message=message,
-                http=_AccessHTTP(method, route, status, duration_ms),
-                request_id=request_id,
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # the date and time change once a second; format them then
+            self._second = second
+            self._second_text = time.strftime(
+                "%Y-%m-%dT%H:%M:%S" if self.json else "%Y-%m-%d %H:%M:%S",
+                time.gmtime(second) if self.json else time.localtime(second),
             )
-            text = _encode_access(line).decode() + "\n"
+        millis = int((now - second) * 1000)
+        duration_ms = round(seconds * 1000, 2)
+        if self.json:
+            line = (
+                f'{{"time":"{self._second_text}.{millis:03d}+00:00","level":"INFO",'
+                f'"logger":"service.access","message":"{method} {route} {status}",'
+                f'"http":{{"method":"{method}","route":"{route}","status":{status},'
+                f'"duration_ms":{duration_ms}}},"request_id":"{request_id}"}}\n'
+            )
         else:
-            stamp = now.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-            text = f"{stamp} INFO service.access: {message} {duration_ms} ms {request_id}\n"
-        stderr_writer().write(text)
+            line = (
+                f"{self._second_text},{millis:03d} INFO service.access: "
+                f"{method} {route} {status} {duration_ms} ms {request_id}\n"
+            )
+        _writer().write(line)
 
 
 def logging_config(level: str, log_format: str = "json") -> dict[str, Any]:

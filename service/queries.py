@@ -1,22 +1,29 @@
 """Every SQL statement the service sends, as bound `text()` constants.
 
 `value` is read back as double precision and written through a double precision parameter,
-so the same statements serve a table whose `value` column is `real` or `numeric`.
+so the same statements serve a table whose `value` column is `real` or `numeric`. Statements
+that return rows declare their columns (`.columns(...)`), so SQLAlchemy builds the result's
+metadata once per statement instead of once per execution.
 """
 
-from sqlalchemy import text
+from sqlalchemy import Float, Integer, String, column, text
+
+# The columns of a row, as the SELECTs and INSERT … RETURNING below give them.
+ITEM_COLUMNS = (column("id", Integer), column("name", String), column("value", Float))
 
 SELECT_ITEMS_ABOVE_VALUE = text(
     "SELECT id, name, value::float8 AS value FROM playing_with_neon "
     "WHERE value > CAST(:value AS float8) AND id > :after_id ORDER BY id LIMIT :limit"
-)
+).columns(*ITEM_COLUMNS)
 
 SELECT_ITEMS = text(
     "SELECT id, name, value::float8 AS value FROM playing_with_neon "
     "WHERE id > :after_id ORDER BY id LIMIT :limit"
-)
+).columns(*ITEM_COLUMNS)
 
-SELECT_ITEM = text("SELECT id, name, value::float8 AS value FROM playing_with_neon WHERE id = :id")
+SELECT_ITEM = text(
+    "SELECT id, name, value::float8 AS value FROM playing_with_neon WHERE id = :id"
+).columns(*ITEM_COLUMNS)
 
 # The whole batch in one statement, so one round trip and all or nothing even in autocommit
 # mode: the rows are locked in ascending id order first (a MATERIALIZED CTE: no plan can reorder
@@ -31,7 +38,7 @@ UPDATE_ITEM_VALUES = text(
     "WHERE item.id = batch.id "
     "AND (SELECT count(*) FROM locked) = cardinality(CAST(:ids AS int4[]))"
     ") SELECT id FROM locked"
-)
+).columns(column("id", Integer))
 
 # One statement for the whole batch; ORDER BY keeps the generated ids in the order given.
 INSERT_ITEMS = text(
@@ -39,8 +46,10 @@ INSERT_ITEMS = text(
     "SELECT name, value FROM unnest(CAST(:names AS text[]), CAST(:values AS float8[])) "
     "WITH ORDINALITY AS batch(name, value, position) ORDER BY position "
     "RETURNING id, name, value::float8 AS value"
-)
+).columns(*ITEM_COLUMNS)
 
-DELETE_ITEM = text("DELETE FROM playing_with_neon WHERE id = :id RETURNING id")
+DELETE_ITEM = text("DELETE FROM playing_with_neon WHERE id = :id RETURNING id").columns(
+    column("id", Integer)
+)
 
 SELECT_ONE = text("SELECT 1")

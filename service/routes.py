@@ -14,7 +14,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.engine import Row
 
 from service import queries
-from service.auth import WRITE_SECURITY, require_json, require_token
+from service.auth import WRITE_SECURITY, authorize_json_write, authorize_write
 from service.errors import ProblemException
 from service.schemas import (
     INT4_MAX,
@@ -85,7 +85,7 @@ async def get_item(state: State, item_id: FromPath[int]) -> Item:
 
 @post(
     "/items",
-    guards=[require_token, require_json],
+    before_request=authorize_json_write,
     security=WRITE_SECURITY,
     responses=WRITE_ERRORS,
     description="Inserts all rows in one statement, all or none; answers them with their new ids.",
@@ -105,7 +105,7 @@ async def create_items(state: State, data: JSONBody[list[NewItem]]) -> CreatedIt
 
 @patch(
     "/items",
-    guards=[require_token, require_json],
+    before_request=authorize_json_write,
     security=WRITE_SECURITY,
     responses={**WRITE_ERRORS, 404: PROBLEM, 409: PROBLEM},
     description=(
@@ -136,7 +136,7 @@ async def update_values(state: State, data: JSONBody[list[ValueUpdate]]) -> Upda
 @delete(
     "/items/{item_id:int}",
     security=WRITE_SECURITY,
-    guards=[require_token],
+    before_request=authorize_write,
     responses={401: PROBLEM, 404: PROBLEM, 503: PROBLEM},
 )
 async def delete_item(state: State, item_id: FromPath[int]) -> None:

@@ -150,7 +150,7 @@ async def test_token_comparison_hashes_first_and_compares_every_token(
             app=SimpleNamespace(state=state), headers={"authorization": f"Bearer {offered}"}
         )
         try:
-            await auth.require_token(connection, None)  # type: ignore[arg-type]
+            auth.require_token(connection)  # type: ignore[arg-type]
             allowed = True
         except ProblemException as exc:
             assert exc.status_code == 401
