@@ -10,7 +10,6 @@ from itertools import count
 from typing import Any
 
 import msgspec
-from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
 from litestar.types import (
     ASGIApp,
@@ -54,17 +53,22 @@ def request_id_of(scope: Scope) -> str:
 
 
 async def add_response_headers(message: Message, scope: Scope) -> None:
-    """`before_send` hook: every response, routed or not, carries these headers."""
+    """`before_send` hook: every response, routed or not, carries these headers.
+
+    Appended to the raw header list: no response of ours sets them already.
+    """
     if message["type"] != "http.response.start":
         return
-    headers = MutableScopeHeaders.from_message(message)
-    headers["x-content-type-options"] = "nosniff"
-    headers["x-request-id"] = request_id_of(scope)
+    headers = message.get("headers")
+    if not isinstance(headers, list):
+        headers = message["headers"] = list(headers or ())
+    headers.append((b"x-content-type-options", b"nosniff"))
+    headers.append((b"x-request-id", request_id_of(scope).encode()))
     app = scope.get("app")
     if app is not None and app.state.get("draining"):
         # Shutting down: make clients open a new connection, which the load balancer will
         # send to another pod, instead of reusing this one until it is closed under them.
-        headers["connection"] = "close"
+        headers.append((b"connection", b"close"))
 
 
 def _overloaded_body(limit: int) -> bytes:
