@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
 
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
-from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.types import ASGIApp
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -29,11 +31,22 @@ from service.errors import handle_database_error, handle_http_exception, handle_
 from service.health import get_liveness, get_readiness
 from service.logs import AccessLog
 from service.metrics import Metrics, get_metrics
-from service.middleware import ObserveRequests, add_response_headers
+from service.middleware import ObserveRequests
 from service.routes import create_items, delete_item, get_item, list_items, update_values
 from service.shutdown import drain_on_sigterm
 
 log = logging.getLogger("service.app")
+
+
+class ServiceApp(Litestar):
+    """Litestar with `ObserveRequests` as the one ASGI layer around everything it serves."""
+
+    def __init__(self, *, observe: Callable[[ASGIApp], ASGIApp], **options: Any) -> None:
+        super().__init__(**options)
+        self.observed = observe(super().__call__)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.observed(scope, receive, send)
 
 
 # Allocations between young-generation collections (CPython's default is 700).
@@ -113,7 +126,7 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
             await engine.dispose()
             await app.state.probe_engine.dispose()
 
-    return Litestar(
+    return ServiceApp(
         route_handlers=[
             list_items,
             get_item,
@@ -126,15 +139,13 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
         ],
         lifespan=[engine_lifespan],
         state=state,
-        middleware=[
-            DefineMiddleware(
-                ObserveRequests,
-                metrics=metrics,
-                access_log=AccessLog(settings.access_log, settings.log_format, settings.log_level),
-                max_in_flight=settings.in_flight_limit,
-            )
-        ],
-        before_send=[add_response_headers],
+        observe=partial(
+            ObserveRequests,
+            state=state,
+            metrics=metrics,
+            access_log=AccessLog(settings.access_log, settings.log_format, settings.log_level),
+            max_in_flight=settings.in_flight_limit,
+        ),
         exception_handlers={
             HTTPException: handle_http_exception,
             DBAPIError: handle_database_error,

@@ -46,6 +46,10 @@ class JsonFormatter(logging.Formatter):
         return msgspec.json.encode(line, enc_hook=str).decode()
 
 
+# How long the writer lets lines gather before one write: the delay a line may have.
+BATCH_SECONDS = 0.02
+
+
 class StderrWriter:
     """The thread that owns stderr in this process; others hand it whole lines."""
 
@@ -69,7 +73,10 @@ class StderrWriter:
     def _run(self) -> None:
         while True:
             batch = [self.lines.get()]
-            while len(batch) < 256:  # whatever else is waiting goes out in the same write
+            # Let lines gather before writing them out together: waking this thread for every
+            # line would make it take the interpreter lock from the event loop per request.
+            time.sleep(BATCH_SECONDS)
+            while True:
                 try:
                     batch.append(self.lines.get_nowait())
                 except queue.Empty:

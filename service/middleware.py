@@ -10,6 +10,7 @@ from itertools import count
 from typing import Any
 
 import msgspec
+from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.types import (
     ASGIApp,
@@ -52,25 +53,6 @@ def request_id_of(scope: Scope) -> str:
     return request_id
 
 
-async def add_response_headers(message: Message, scope: Scope) -> None:
-    """`before_send` hook: every response, routed or not, carries these headers.
-
-    Appended to the raw header list: no response of ours sets them already.
-    """
-    if message["type"] != "http.response.start":
-        return
-    headers = message.get("headers")
-    if not isinstance(headers, list):
-        headers = message["headers"] = list(headers or ())
-    headers.append((b"x-content-type-options", b"nosniff"))
-    headers.append((b"x-request-id", request_id_of(scope).encode()))
-    app = scope.get("app")
-    if app is not None and app.state.get("draining"):
-        # Shutting down: make clients open a new connection, which the load balancer will
-        # send to another pod, instead of reusing this one until it is closed under them.
-        headers.append((b"connection", b"close"))
-
-
 def _overloaded_body(limit: int) -> bytes:
     return msgspec.json.encode(
         {
@@ -83,7 +65,12 @@ def _overloaded_body(limit: int) -> bytes:
 
 
 class ObserveRequests:
-    """ASGI middleware around every routed HTTP request.
+    """The ASGI layer around everything the app serves, routed or not.
+
+    It gives each request its id, adds the headers every response carries, counts and times
+    the request for the metrics, and writes its access line. One layer outside Litestar, so
+    that a request pays for one `send` wrapper here instead of Litestar's per-route middleware
+    stack (with its own exception layer) plus a `before_send` hook.
 
     Requests to /items beyond `max_in_flight` at once are answered 503 with Retry-After at
     once, without touching the database: past that point more requests in flight only wait
@@ -92,9 +79,15 @@ class ObserveRequests:
     """
 
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, access_log: AccessLog, max_in_flight: int
+        self,
+        app: ASGIApp,
+        state: State,
+        metrics: Metrics,
+        access_log: AccessLog,
+        max_in_flight: int,
     ) -> None:
         self.app = app
+        self.state = state
         self.metrics = metrics
         self.access_log = access_log
         self.max_in_flight = max_in_flight
@@ -109,19 +102,30 @@ class ObserveRequests:
             return
         started = time.perf_counter()
         request_id = request_id_of(scope)
-        route: str = scope.get("path_template") or "unmatched"
         status = 500  # if the app fails before it answers, uvicorn sends a 500
 
         async def observed_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = message.get("headers")
+                if not isinstance(headers, list):
+                    headers = message["headers"] = list(headers or ())
+                headers.append((b"x-content-type-options", b"nosniff"))
+                headers.append((b"x-request-id", request_id.encode()))
+                if self.state.draining:
+                    # Shutting down: make clients open a new connection, which the load
+                    # balancer sends to another pod, instead of reusing this one until it is
+                    # closed under them.
+                    headers.append((b"connection", b"close"))
             await send(message)
 
         metrics = self.metrics
-        metrics.requests_in_flight += 1  # one count for the process: Litestar builds this per route
+        metrics.requests_in_flight += 1
         try:
-            if metrics.requests_in_flight > self.max_in_flight and route.startswith("/items"):
+            if metrics.requests_in_flight > self.max_in_flight and scope["path"].startswith(
+                "/items"
+            ):
                 await self._refuse(observed_send)
             else:
                 await self.app(scope, receive, observed_send)
@@ -129,6 +133,7 @@ class ObserveRequests:
             metrics.requests_in_flight -= 1
             elapsed = time.perf_counter() - started
             method: str = scope["method"]
+            route: str = scope.get("path_template") or "unmatched"
             key = (method, route, status)
             children = self.children.get(key)
             if children is None:
