@@ -7,7 +7,6 @@ import re
 import time
 from http import HTTPStatus
 from itertools import count
-from typing import Any
 
 import msgspec
 from litestar.datastructures import State
@@ -92,9 +91,8 @@ class ObserveRequests:
         self.access_log = access_log
         self.max_in_flight = max_in_flight
         self.overloaded_body = _overloaded_body(max_in_flight)
-        # prometheus_client's labels() builds and hashes a key on every call; the handful of
-        # (method, route, status) combinations are looked up once and kept.
-        self.children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        # The label values of each (method, route, status) seen, made once.
+        self.labels: dict[tuple[str, str, int], tuple[str, str, str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
@@ -135,15 +133,10 @@ class ObserveRequests:
             method: str = scope["method"]
             route: str = scope.get("path_template") or "unmatched"
             key = (method, route, status)
-            children = self.children.get(key)
-            if children is None:
-                labels = {"method": method, "route": route, "status": str(status)}
-                children = self.children[key] = (
-                    metrics.requests.labels(**labels),
-                    metrics.latency.labels(**labels),
-                )
-            children[0].inc()
-            children[1].observe(elapsed)
+            labels = self.labels.get(key)
+            if labels is None:
+                labels = self.labels[key] = (method, route, str(status))
+            metrics.requests.observe(elapsed, labels)
             self.access_log.record(method, route, status, elapsed, request_id)
 
     async def _refuse(self, send: Send) -> None:
