@@ -111,6 +111,12 @@ UNLIMITED = Target(
     1,
     env=(("MAX_IN_FLIGHT", "1000000"),),
 )
+# (server, clients): "overload" clients wait out a 503's Retry-After, "read" clients retry at once.
+OVERLOAD_PLAN = ((SERVICE_1, "overload"), (SERVICE_1, "read"), (UNLIMITED, "read"))
+CLIENTS = {
+    "overload": "clients that wait out Retry-After",
+    "read": "clients that retry at once (plain wrk)",
+}
 
 
 @dataclass
@@ -523,14 +529,20 @@ def status_counts(server: Server) -> collections.Counter[str]:
     return counts
 
 
-def measure_overload(options: Options, server: Server, round_number: int) -> dict[str, Any]:
-    """The read load at --overload-connections, against a pool of DB_POOL_SIZE connections."""
+def measure_overload(
+    options: Options, server: Server, round_number: int, script: str
+) -> dict[str, Any]:
+    """The read load at --overload-connections, against a pool of DB_POOL_SIZE connections.
+
+    `script` is "read" (clients that retry at once, as wrk does) or "overload" (the same reads
+    from clients that wait the Retry-After a 503 gives them).
+    """
     connections = options.overload_connections
-    run_wrk(options, "read", server.port, options.warmup, connections)
+    run_wrk(options, script, server.port, options.warmup, connections)
     before = status_counts(server)
     started = time.monotonic()
     cpu_before = tree_ticks(server.pid)
-    result = run_wrk(options, "read", server.port, options.seconds, connections)
+    result = run_wrk(options, script, server.port, options.seconds, connections)
     wall = time.monotonic() - started
     cpu = (tree_ticks(server.pid) - cpu_before) / CLOCK_TICKS / wall
     answered = status_counts(server) - before
@@ -540,6 +552,7 @@ def measure_overload(options: Options, server: Server, round_number: int) -> dic
     return {
         "round": round_number,
         "target": server.target.key,
+        "clients": script,
         "requests": result["requests"],
         "ok_rps": (result["requests"] - result["status_errors"]) / seconds,
         "refused_rps": refused / seconds,
@@ -770,12 +783,13 @@ def overload_table(
     normal = summary.get((SERVICE_1.key, "read"))
     reference = normal["p99_ms"] if normal else None
     lines = [
-        f"| server | answered 200/s | shed 503/s | p50 ms | accepted p99 ms | accepted p99 ÷ "
-        f"p99 at -c{options.connections} | slowest ms | errors | server CPU (cores) |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        f"| server | clients | answered 200/s | shed 503/s | p50 ms | accepted p99 ms "
+        f"| accepted p99 ÷ p99 at -c{options.connections} | slowest ms | errors "
+        "| server CPU (cores) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for target in (SERVICE_1, UNLIMITED):
-        runs = [r for r in overload if r["target"] == target.key]
+    for target, clients in OVERLOAD_PLAN:
+        runs = [r for r in overload if r["target"] == target.key and r["clients"] == clients]
         if not runs:
             continue
 
@@ -784,7 +798,8 @@ def overload_table(
 
         ratio = f"{median('accepted_p99_ms') / reference:.2f}" if reference else "n/a"
         lines.append(
-            f"| {target.label} | {fmt(median('ok_rps'))} | {fmt(median('refused_rps'))} "
+            f"| {target.label} | {CLIENTS[clients]} | {fmt(median('ok_rps'))} "
+            f"| {fmt(median('refused_rps'))} "
             f"| {fmt(median('p50_ms'), 1)} | {fmt(median('accepted_p99_ms'), 1)} | {ratio} "
             f"| {fmt(max(r['max_ms'] for r in runs), 0)} | {sum(r['errors'] for r in runs)} "
             f"| {fmt(median('server_cpu'), 2)} |"
@@ -1134,15 +1149,15 @@ def main() -> int:
                     )
 
     overload: list[dict[str, Any]] = []
-    overload_targets = (SERVICE_1, UNLIMITED) if SERVICE_1 in options.targets else ()
-    for number in range(1, options.overload_rounds + 1 if overload_targets else 1):
-        order = overload_targets if number % 2 else overload_targets[::-1]
-        for target in order:
+    overload_plan = OVERLOAD_PLAN if SERVICE_1 in options.targets else ()
+    for number in range(1, options.overload_rounds + 1 if overload_plan else 1):
+        order = overload_plan if number % 2 else overload_plan[::-1]
+        for target, clients in order:
             with Server(target, database.url, options, "overload") as server:
-                row = measure_overload(options, server, number)
+                row = measure_overload(options, server, number, clients)
                 overload.append(row)
                 print(
-                    f"overload {number} {target.key:20} {row['ok_rps']:7.0f} ok/s "
+                    f"overload {number} {target.key:20} {clients:8} {row['ok_rps']:7.0f} ok/s "
                     f"{row['refused_rps']:7.0f} shed/s accepted p99 "
                     f"{row['accepted_p99_ms']:7.1f} ms errors {row['errors']}",
                     flush=True,
