@@ -168,6 +168,11 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
+def process_ticks(root: int) -> dict[int, int]:
+    """CPU ticks used so far by each live process of a tree."""
+    return {pid: stat[1] for pid in process_tree(root) if (stat := proc_stat(pid)) is not None}
+
+
 def tree_ticks(root: int | None) -> int:
     """CPU ticks used so far by a process tree (live members, plus children they reaped)."""
     if root is None:
@@ -451,6 +456,7 @@ def measure(
     timings_before = service_timings(server)
     sessions_before = database.sessions_opened()
     started = time.monotonic()
+    processes_before = process_ticks(server.pid)
     before = (
         children_cpu_seconds(),
         tree_ticks(server.pid),
@@ -464,7 +470,17 @@ def measure(
         tree_ticks(database.postmaster_pid),
         machine_busy_ticks(),
     )
+    processes_after = process_ticks(server.pid)
     wall = time.monotonic() - started
+    # The busiest processes of the server's tree are its workers (uvicorn's supervisor and
+    # multiprocessing's helper idle): their split shows whether one worker is the bottleneck.
+    per_process = sorted(
+        (
+            (ticks - processes_before.get(pid, 0)) / CLOCK_TICKS / wall
+            for pid, ticks in processes_after.items()
+        ),
+        reverse=True,
+    )
     sessions_after = database.sessions_opened()
     timings_after = service_timings(server)
     inside = None
@@ -506,6 +522,7 @@ def measure(
         "inside": inside,
         "errors": errors,
         "error_detail": {k: v for k, v in result.items() if k.endswith(("errors", "timeouts"))},
+        "worker_cores": per_process[: server.target.workers],
         "cpu_cores": {
             "wrk": load / wall,
             "server": server_cpu / wall,
@@ -698,6 +715,10 @@ def summarise(
                 "errors": sum(r["errors"] for r in runs),
                 "requests": sum(r["requests"] for r in runs),
                 "cpu": {part: median_cpu(part) for part in ("wrk", "server", "postgres", "other")},
+                "worker_cores": [
+                    statistics.median(values)
+                    for values in zip(*(r["worker_cores"] for r in runs), strict=False)
+                ],
                 "mean_ms": statistics.median(r["mean_ms"] for r in runs),
                 "new_connections": statistics.median(
                     r["new_connections"] for r in runs if r["new_connections"] is not None
@@ -811,16 +832,20 @@ def cpu_table(
     summary: dict[tuple[str, str], dict[str, Any]], targets: tuple[Target, ...]
 ) -> list[str]:
     lines = [
-        "| workload | server | wrk | server | PostgreSQL | everything else on the machine "
-        "| PostgreSQL connections opened per run |",
-        "|---|---|--:|--:|--:|--:|--:|",
+        "| workload | server | wrk | server | of which per worker | PostgreSQL "
+        "| everything else on the machine | all | PostgreSQL connections opened per run |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for workload in WORKLOADS:
         for target in targets:
             row = summary.get((target.key, workload))
             if row is not None:
                 cpu = row["cpu"]
-                parts = (fmt(cpu[p], 2) for p in ("wrk", "server", "postgres", "other"))
+                parts = [fmt(cpu["wrk"], 2), fmt(cpu["server"], 2)]
+                parts.append(" / ".join(fmt(w, 2) for w in row["worker_cores"]) or "n/a")
+                parts += [fmt(cpu["postgres"], 2), fmt(cpu["other"], 2)]
+                known = [cpu[p] for p in ("wrk", "server", "postgres", "other") if cpu[p]]
+                parts.append(fmt(sum(known), 2))
                 opened = fmt(row["new_connections"])
                 lines.append(f"| {workload} | {target.label} | {' | '.join(parts)} | {opened} |")
     return lines

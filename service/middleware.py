@@ -120,10 +120,11 @@ class ObserveRequests:
 
         metrics = self.metrics
         metrics.requests_in_flight += 1
+        shed = metrics.requests_in_flight > self.max_in_flight and scope["path"].startswith(
+            "/items"
+        )
         try:
-            if metrics.requests_in_flight > self.max_in_flight and scope["path"].startswith(
-                "/items"
-            ):
+            if shed:
                 await self._refuse(observed_send)
             else:
                 await self.app(scope, receive, observed_send)
@@ -131,7 +132,8 @@ class ObserveRequests:
             metrics.requests_in_flight -= 1
             elapsed = time.perf_counter() - started
             method: str = scope["method"]
-            route: str = scope.get("path_template") or "unmatched"
+            # A refused request was never routed: it is counted and logged as route "shed".
+            route: str = "shed" if shed else scope.get("path_template") or "unmatched"
             key = (method, route, status)
             labels = self.labels.get(key)
             if labels is None:

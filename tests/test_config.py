@@ -157,6 +157,9 @@ def test_password_never_in_repr_or_str() -> None:
         ({"PORT": "70000"}, "PORT"),
         ({"MAX_BATCH": "0"}, "MAX_BATCH"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"ACCESS_LOG": "some"}, "ACCESS_LOG"),
+        ({"MAX_IN_FLIGHT": "-1"}, "MAX_IN_FLIGHT"),
+        ({"MAX_IN_FLIGHT": "many"}, "MAX_IN_FLIGHT"),
         ({"API_TOKENS": "short"}, "API_TOKENS"),
         ({"DATABASE_URL": "mysql://u:p@h/db"}, "DATABASE_URL"),
         ({"DATABASE_URL": "not a url"}, "DATABASE_URL"),
@@ -192,6 +195,13 @@ def test_configured_database_without_tokens_refuses_to_serve() -> None:
     )
     check_writes_are_protected(settings)
     assert settings.auth_disabled
+
+
+def test_in_flight_limit_follows_the_pool_unless_set() -> None:
+    assert settings_from({}).in_flight_limit == 80
+    assert settings_from({"DB_POOL_SIZE": "4", "DB_MAX_OVERFLOW": "1"}).in_flight_limit == 40
+    assert settings_from({"MAX_IN_FLIGHT": "7"}).in_flight_limit == 7
+    assert settings_from({"ACCESS_LOG": "errors"}).access_log == "errors"
 
 
 def test_nothing_configured_means_the_embedded_database() -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from typing import Any
 
 from litestar.testing import AsyncTestClient
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.app import create_app
 from service.config import Settings
@@ -48,3 +51,30 @@ async def test_database_down_is_503_with_retry_after_and_liveness_stays_up(
             assert response.headers["content-type"].startswith("application/problem+json")
             assert "pw" not in response.text
             assert elapsed < 2.5  # bounded by the 1 s pool timeout, never a hang
+
+
+async def test_readiness_does_not_queue_behind_a_busy_pool(
+    settings: Settings, engine: AsyncEngine, notebook_rows: None
+) -> None:
+    settings = dataclasses.replace(settings, db_pool_size=2, db_pool_timeout=1.0)
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        async with engine.connect() as connection:
+            transaction = await connection.begin()
+            await connection.execute(
+                text("SELECT id FROM playing_with_neon WHERE id = 5 FOR UPDATE")
+            )
+            # Both pooled connections wait on the locked row.
+            blocked = [
+                asyncio.create_task(
+                    client.patch("/items", json=[{"id": 5, "value": 2.0}], headers=AUTH)
+                )
+                for _ in range(2)
+            ]
+            await asyncio.sleep(0.5)
+            read = await client.get("/items/6")
+            assert read.status_code == 503  # no connection became free within the pool timeout
+            assert "busy" in read.json()["detail"]
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200, ready.text  # the database answers: ready
+            await transaction.rollback()
+        assert [r.status_code for r in await asyncio.gather(*blocked)] == [200, 200]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import io
 import json
 import logging
 import signal
+import time
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,8 +18,12 @@ from typing import Any
 import httpx
 import pytest
 from litestar.testing import AsyncTestClient
+from sqlalchemy import text
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.app import create_app
+from service.config import Settings
 from service.logs import JsonFormatter, QueuedStderrHandler, StderrWriter
 from tests.conftest import AUTH, run_service, service_environment
 
@@ -109,3 +118,49 @@ def test_log_records_are_written_by_the_writer_thread_as_json() -> None:
     writer.close()
     line = json.loads(stream.getvalue())
     assert line["message"] == "hello x" and line["level"] == "WARNING"
+
+
+@contextlib.asynccontextmanager
+async def row_locked(engine: AsyncEngine, row_id: int) -> AsyncIterator[None]:
+    """Row `row_id` locked by an outside transaction until the block ends."""
+    async with engine.connect() as connection:
+        transaction = await connection.begin()
+        await connection.execute(
+            text("SELECT id FROM playing_with_neon WHERE id = :id FOR UPDATE"), {"id": row_id}
+        )
+        try:
+            yield
+        finally:
+            await transaction.rollback()
+
+
+async def test_requests_past_max_in_flight_are_refused_at_once(
+    settings: Settings, engine: AsyncEngine, notebook_rows: None
+) -> None:
+    settings = dataclasses.replace(settings, max_in_flight=2)
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        async with row_locked(engine, 5):
+            # Two writes wait on the locked row: the service is at its limit.
+            blocked = [
+                asyncio.create_task(
+                    client.patch("/items", json=[{"id": 5, "value": 2.0}], headers=AUTH)
+                )
+                for _ in range(2)
+            ]
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            refused = await client.get("/items")
+            assert time.monotonic() - started < 0.5
+            assert refused.status_code == 503
+            assert refused.headers["retry-after"] == "1"
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert "at capacity" in refused.json()["detail"]
+            assert "x-request-id" in refused.headers
+            # Probes and metrics are never refused.
+            assert (await client.get("/healthz")).status_code == 200
+            assert (await client.get("/readyz")).status_code == 200
+            metrics = (await client.get("/metrics")).text
+            assert 'http_requests_total{method="GET",route="shed",status="503"} 1.0' in metrics
+            assert "http_requests_in_flight 3.0" in metrics  # the two writes and the scrape
+        assert [r.status_code for r in await asyncio.gather(*blocked)] == [200, 200]
+        assert (await client.get("/items")).status_code == 200
