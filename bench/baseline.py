@@ -31,7 +31,7 @@ SELECT_ITEMS_ABOVE_VALUE = (
 )
 # The whole batch in one statement and one round trip, all or nothing: the rows are locked in
 # ascending id order first (a MATERIALIZED CTE, so no plan can reorder the locks), and the UPDATE
-# runs only if every id was found; the locked ids tell which are missing.
+# runs only if every id was found; it answers the missing ids (an empty array when applied).
 UPDATE_ITEM_VALUES = (
     "WITH locked AS MATERIALIZED ("
     "SELECT id FROM playing_with_neon WHERE id = ANY(CAST($1 AS int4[])) ORDER BY id FOR UPDATE"
@@ -39,7 +39,7 @@ UPDATE_ITEM_VALUES = (
     "UPDATE playing_with_neon AS item SET value = batch.value "
     "FROM unnest(CAST($1 AS int4[]), CAST($2 AS float8[])) AS batch(id, value) "
     "WHERE item.id = batch.id AND (SELECT count(*) FROM locked) = cardinality(CAST($1 AS int4[]))"
-    ") SELECT id FROM locked"
+    ") SELECT ARRAY(SELECT unnest(CAST($1 AS int4[])) EXCEPT SELECT id FROM locked ORDER BY 1)"
 )
 
 INT4_MAX = 2_147_483_647
@@ -168,8 +168,8 @@ class Baseline:
             raise BadRequest(422, "each id may appear once per batch")
         assert self.pool is not None  # noqa: S101 (set by the lifespan before any request)
         # Autocommit: the one statement is its own transaction, so no BEGIN and no COMMIT.
-        locked = await self.pool.fetch(UPDATE_ITEM_VALUES, ids, [u.value for u in updates])
-        if len(locked) != len(ids):
+        missing = await self.pool.fetchval(UPDATE_ITEM_VALUES, ids, [u.value for u in updates])
+        if missing:
             raise BadRequest(404, "some ids do not exist; nothing was changed")
         return encode(UpdateResult(len(updates)))
 

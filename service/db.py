@@ -13,8 +13,11 @@ from collections.abc import Callable
 from typing import Any
 from uuid import uuid4
 
+from sqlalchemy import event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from service.config import Settings
 
@@ -96,7 +99,21 @@ def create_engine(settings: Settings, *, autocommit: bool = False) -> AsyncEngin
     options = engine_options(settings)
     if autocommit:
         options["isolation_level"] = "AUTOCOMMIT"
-    return create_async_engine(settings.database_url, **options)
+    engine = create_async_engine(settings.database_url, **options)
+    event.listen(engine.sync_engine, "checkout", _refuse_closed_connection)
+    return engine
+
+
+def _refuse_closed_connection(
+    dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+) -> None:
+    """Pool `checkout` hook: a connection the server already closed is replaced, not handed out.
+
+    asyncpg learns from the socket that the server ended a session (an idle-connection reaper,
+    a restart); asking it costs no round trip, unlike `pool_pre_ping`.
+    """
+    if dbapi_connection.driver_connection.is_closed():
+        raise DisconnectionError("the server closed this connection")
 
 
 def create_probe_engine(settings: Settings) -> AsyncEngine:
@@ -108,7 +125,9 @@ def create_probe_engine(settings: Settings) -> AsyncEngine:
     options = engine_options(settings)
     options.update(pool_size=1, max_overflow=0, isolation_level="AUTOCOMMIT")
     assert settings.database_url is not None  # noqa: S101 (checked by the request engine first)
-    return create_async_engine(settings.database_url, **options)
+    engine = create_async_engine(settings.database_url, **options)
+    event.listen(engine.sync_engine, "checkout", _refuse_closed_connection)
+    return engine
 
 
 class PoolTimeout(PoolTimeoutError):
@@ -253,11 +272,15 @@ class SessionPool:
         await self._discard(slot)
 
     async def _discard(self, slot: _Slot) -> None:
-        connection = slot.connection
+        connection, driver = slot.connection, slot.driver
         slot.connection = slot.session = slot.driver = None
         if connection is None:
             return
         try:
+            if driver.is_closed():
+                # The engine's pool cannot tell (its reset on return sends nothing in
+                # autocommit mode): make it drop the connection, not hand it out again.
+                await connection.invalidate()
             await connection.close()  # the engine's pool resets it, or drops it if broken
         except Exception:
             log.debug("closing a pooled connection failed; invalidating it", exc_info=True)

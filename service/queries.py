@@ -6,7 +6,7 @@ that return rows declare their columns (`.columns(...)`), so SQLAlchemy builds t
 metadata once per statement instead of once per execution.
 """
 
-from sqlalchemy import Float, Integer, String, column, text
+from sqlalchemy import ARRAY, Float, Integer, String, column, text
 
 # The columns of a row, as the SELECTs and INSERT … RETURNING below give them.
 ITEM_COLUMNS = (column("id", Integer), column("name", String), column("value", Float))
@@ -28,7 +28,8 @@ SELECT_ITEM = text(
 # The whole batch in one statement, so one round trip and all or nothing even in autocommit
 # mode: the rows are locked in ascending id order first (a MATERIALIZED CTE: no plan can reorder
 # the locks), so two overlapping batches queue behind each other instead of deadlocking; the
-# UPDATE runs only if every id was found; the locked ids tell which are missing.
+# UPDATE runs only if every id was found. It answers one row: the ids that were not found, in
+# ascending order (empty when the batch was applied).
 UPDATE_ITEM_VALUES = text(
     "WITH locked AS MATERIALIZED ("
     "SELECT id FROM playing_with_neon WHERE id = ANY(CAST(:ids AS int4[])) ORDER BY id FOR UPDATE"
@@ -37,8 +38,9 @@ UPDATE_ITEM_VALUES = text(
     "FROM unnest(CAST(:ids AS int4[]), CAST(:values AS float8[])) AS batch(id, value) "
     "WHERE item.id = batch.id "
     "AND (SELECT count(*) FROM locked) = cardinality(CAST(:ids AS int4[]))"
-    ") SELECT id FROM locked"
-).columns(column("id", Integer))
+    ") SELECT ARRAY(SELECT unnest(CAST(:ids AS int4[])) EXCEPT SELECT id FROM locked ORDER BY 1)"
+    " AS missing_ids"
+).columns(column("missing_ids", ARRAY(Integer)))
 
 # One statement for the whole batch; ORDER BY keeps the generated ids in the order given.
 INSERT_ITEMS = text(

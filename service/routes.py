@@ -124,10 +124,9 @@ async def update_values(
     ids = [update.id for update in updates]
     params = {"ids": ids, "values": [update.value for update in updates]}
     async with request.app.state.sessions.lease() as session:
-        locked = (await session.execute(queries.UPDATE_ITEM_VALUES, params)).scalars().all()
+        missing = (await session.execute(queries.UPDATE_ITEM_VALUES, params)).scalar_one()
         await session.commit()
-    if len(locked) != len(ids):
-        missing = sorted(set(ids).difference(locked))
+    if missing:
         raise ProblemException(
             404, "some ids do not exist; nothing was changed", missing_ids=missing
         )

@@ -138,6 +138,20 @@ async def client(settings: Settings, notebook_rows: None) -> AsyncIterator[Async
         yield client
 
 
+@contextlib.asynccontextmanager
+async def concurrent_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan, behind an httpx client whose requests really run at once.
+
+    Litestar's test client runs one request at a time; httpx's ASGI transport runs each request
+    in its caller's task, so requests sent from several tasks overlap as on a real server.
+    """
+    app = create_app(settings)
+    async with app.lifespan():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            yield http
+
+
 async def table_snapshot(engine: AsyncEngine) -> list[tuple[Any, ...]]:
     """Every row, in id order, read through the tests' own connection."""
     async with engine.connect() as connection:

@@ -6,11 +6,11 @@ import asyncio
 import random
 from typing import Any
 
-from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import AUTH, table_snapshot
+from service.config import Settings
+from tests.conftest import AUTH, concurrent_client, table_snapshot
 
 ROWS = 60
 BATCHES = 50
@@ -18,7 +18,7 @@ BATCH_SIZE = 20
 
 
 async def test_fifty_concurrent_overlapping_batches(
-    client: AsyncTestClient[Any], engine: AsyncEngine
+    settings: Settings, engine: AsyncEngine
 ) -> None:
     async with engine.begin() as connection:
         await connection.execute(text("TRUNCATE playing_with_neon"))
@@ -36,11 +36,14 @@ async def test_fifty_concurrent_overlapping_batches(
         for b in range(BATCHES)
     ]
 
-    async def send(batch: list[dict[str, Any]]) -> int:
-        response = await client.patch("/items", json=batch, headers=AUTH, timeout=30)
-        return response.status_code
+    async with concurrent_client(settings) as client:
 
-    statuses = await asyncio.wait_for(asyncio.gather(*(send(b) for b in batches)), timeout=60)
+        async def send(batch: list[dict[str, Any]]) -> int:
+            response = await client.patch("/items", json=batch, headers=AUTH, timeout=30)
+            return response.status_code
+
+        sending = asyncio.gather(*(send(b) for b in batches))
+        statuses = await asyncio.wait_for(sending, timeout=60)
     assert statuses == [200] * BATCHES
 
     final = {row[0]: row[2] for row in await table_snapshot(engine)}

@@ -7,14 +7,15 @@ import dataclasses
 import time
 from typing import Any
 
+import asyncpg
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.app import create_app
 from service.config import Settings
-from tests.conftest import AUTH, free_port
+from tests.conftest import AUTH, asyncpg_dsn, concurrent_client, free_port
 
 
 async def test_probes_with_the_database_up(client: AsyncTestClient[Any]) -> None:
@@ -57,7 +58,7 @@ async def test_readiness_does_not_queue_behind_a_busy_pool(
     settings: Settings, engine: AsyncEngine, notebook_rows: None
 ) -> None:
     settings = dataclasses.replace(settings, db_pool_size=2, db_pool_timeout=1.0)
-    async with AsyncTestClient(app=create_app(settings)) as client:
+    async with concurrent_client(settings) as client:
         async with engine.connect() as connection:
             transaction = await connection.begin()
             await connection.execute(
@@ -78,3 +79,30 @@ async def test_readiness_does_not_queue_behind_a_busy_pool(
             assert ready.status_code == 200, ready.text  # the database answers: ready
             await transaction.rollback()
         assert [r.status_code for r in await asyncio.gather(*blocked)] == [200, 200]
+
+
+async def test_connections_dropped_while_idle_cost_no_request_an_error(
+    client: AsyncTestClient[Any], server_url: URL
+) -> None:
+    # Warm every pooled connection and the probe's, then end their server sessions, as an idle
+    # reaper, a pooler or a restart does.
+    await asyncio.gather(*(client.get("/items/5") for _ in range(20)))
+    assert (await client.get("/readyz")).status_code == 200
+    admin = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        ended = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = $1",
+            Settings.db_application_name,
+        )
+    finally:
+        await admin.close()
+    assert ended >= 2
+    await asyncio.sleep(0.3)  # the servers' goodbyes reach the idle sockets
+    assert (await client.get("/readyz")).status_code == 200
+    reads = await asyncio.gather(*(client.get("/items/5") for _ in range(20)))
+    writes = [
+        await client.patch("/items", json=[{"id": 6, "value": float(i)}], headers=AUTH)
+        for i in range(5)
+    ]
+    assert [r.status_code for r in reads + writes] == [200] * 25

@@ -22,10 +22,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.app import create_app
 from service.config import Settings
 from service.logs import JsonFormatter, QueuedStderrHandler, StderrWriter
-from tests.conftest import AUTH, run_service, service_environment
+from tests.conftest import AUTH, concurrent_client, run_service, service_environment
 
 Client = AsyncTestClient[Any]
 
@@ -138,7 +137,7 @@ async def test_requests_past_max_in_flight_are_refused_at_once(
     settings: Settings, engine: AsyncEngine, notebook_rows: None
 ) -> None:
     settings = dataclasses.replace(settings, max_in_flight=2)
-    async with AsyncTestClient(app=create_app(settings)) as client:
+    async with concurrent_client(settings) as client:
         async with row_locked(engine, 5):
             # Two writes wait on the locked row: the service is at its limit.
             blocked = [
