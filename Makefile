@@ -42,7 +42,8 @@ load: $(STAMP)
 	$(BIN)/python tests/load/run.py
 
 # The service (1 and 2 workers) against a bare ASGI + asyncpg baseline under wrk, interleaved
-# rounds on one embedded PostgreSQL; about 8 minutes; writes bench/RESULTS.md.
+# rounds on one embedded PostgreSQL, then overload rounds and profiles; about 10 minutes; writes
+# bench/RESULTS.md.
 bench: $(STAMP) .venv-bench/.installed
 	$(BIN)/python bench/run.py
 

@@ -1,8 +1,8 @@
 """Sort py-spy's raw samples (`py-spy record --threads --format raw`) into a request's components.
 
-Only the event loop's thread (MainThread) is counted: the other threads are uvloop's thread
-pool, where Litestar runs synchronous guards, and py-spy counts its idle workers' waits
-(`work_queue.get`) as busy, which would swamp the profile. Their samples are reported apart.
+Only the event loop's thread (MainThread) is counted: the other threads (the service's log writer,
+a thread pool) spend most of their time waiting, and py-spy counts such waits as busy, which would
+swamp the profile. Their samples are reported apart.
 
 Each sample is one stack, outermost frame first. It is charged to the innermost frame that
 belongs to a known component, so standard-library helpers count for whoever called them: the
@@ -20,7 +20,7 @@ from typing import Any
 
 # (component, what a frame's file path starts with or contains), innermost match wins.
 COMPONENTS = (
-    ("service session providers (service/db.py)", ("service/db.py",)),
+    ("service session pool (service/db.py)", ("service/db.py",)),
     ("access log (logging + JSON formatter)", ("logging/", "service/logs.py")),
     ("metrics (prometheus_client)", ("prometheus_client/", "service/metrics.py")),
     ("asyncpg (driver)", ("asyncpg/",)),

@@ -906,7 +906,8 @@ def profile_section(profiles: dict[str, dict[str, Any]]) -> list[str]:
             f"**{name}**: {result['samples']:,} samples of the event loop's thread at "
             f"{PROFILE_RATE} Hz; it was idle {result['idle_share']:.0%} of the time"
             + (
-                f" ({result['other_thread_samples']:,} samples in the thread pool left out)"
+                f" ({result['other_thread_samples']:,} samples in other threads, such as the "
+                "log writer, left out)"
                 if result["other_thread_samples"]
                 else ""
             )
