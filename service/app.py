@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
             max_overflow=settings.db_max_overflow,
             timeout=settings.db_pool_timeout,
             recycle_seconds=settings.db_pool_recycle,
+            idle_seconds=settings.db_pool_idle_timeout,
             transactional=settings.db_pgbouncer,
             observe_wait=metrics.pool_wait.observe,
         )

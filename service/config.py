@@ -68,6 +68,9 @@ class Settings:
     db_pool_timeout: float = 5.0
     # Seconds after which a pooled connection is replaced (managed poolers close idle ones).
     db_pool_recycle: int = 1800
+    # Seconds a pooled connection may sit unused before it is replaced rather than used: below
+    # the idle limit of the server or pooler (Neon drops idle connections after 5 minutes).
+    db_pool_idle_timeout: float = 240.0
     # Server-side limit for one statement in milliseconds; 0 disables it.
     db_statement_timeout_ms: int = 5000
     # True behind a transaction-mode pooler (PgBouncer, Neon's -pooler hosts): no statement reuse.
@@ -146,6 +149,7 @@ def load_settings(
         db_max_overflow=_int(get, "DB_MAX_OVERFLOW", 0, minimum=0),
         db_pool_timeout=_float(get, "DB_POOL_TIMEOUT", 5.0, minimum=0.1),
         db_pool_recycle=_int(get, "DB_POOL_RECYCLE", 1800, minimum=1),
+        db_pool_idle_timeout=_float(get, "DB_POOL_IDLE_TIMEOUT", 240.0, minimum=1.0),
         db_statement_timeout_ms=_int(get, "DB_STATEMENT_TIMEOUT_MS", 5000, minimum=0),
         db_pgbouncer=_bool(get, "DB_PGBOUNCER", False),
         api_tokens=api_tokens,

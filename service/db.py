@@ -137,7 +137,7 @@ class PoolTimeout(PoolTimeoutError):
 class _Slot:
     """One pooled connection and the long-lived session bound to it."""
 
-    __slots__ = ("connection", "driver", "overflow", "session", "since")
+    __slots__ = ("connection", "driver", "last_used", "overflow", "session", "since")
 
     def __init__(self, overflow: bool) -> None:
         self.overflow = overflow  # gives its connection back after every lease
@@ -145,6 +145,7 @@ class _Slot:
         self.session: AsyncSession | None = None
         self.driver: Any = None  # the asyncpg connection, to ask is_closed() without a query
         self.since = 0.0  # when `connection` was taken from the engine's pool
+        self.last_used = 0.0  # when a request last gave it back
 
 
 class SessionPool:
@@ -156,8 +157,9 @@ class SessionPool:
     The guarantees of the engine's pool are kept: a lease waits at most `timeout` seconds (then
     `PoolTimeout`, a 503); a failed request rolls its session back and, if the connection is
     broken or in doubt, gives it back to the engine's pool, which discards it; a connection the
-    driver knows is closed is replaced before it is leased; and after `recycle_seconds` a slot
-    gives its connection back and takes one again, so the pool's recycle applies as before.
+    driver knows is closed, or one idle longer than `idle_seconds`, is replaced before it is
+    leased; and after `recycle_seconds` a slot gives its connection back and takes one again, so
+    the pool's recycle applies as before.
 
     Waiters are served first come, first served: a free slot is handed straight to the oldest
     waiter. (SQLAlchemy's asyncio pool sits on asyncio.Queue, where a request that has just
@@ -173,12 +175,14 @@ class SessionPool:
         max_overflow: int,
         timeout: float,
         recycle_seconds: float,
+        idle_seconds: float = float("inf"),
         transactional: bool,
         observe_wait: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.engine = engine
         self.timeout = timeout
         self.recycle_seconds = recycle_seconds
+        self.idle_seconds = idle_seconds
         # Behind a transaction-mode pooler reads run in a transaction too, which a lease ends.
         self.transactional = transactional
         self.observe_wait = observe_wait
@@ -232,6 +236,7 @@ class SessionPool:
         return slot
 
     def _release(self, slot: _Slot) -> None:
+        slot.last_used = time.monotonic()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -241,9 +246,14 @@ class SessionPool:
 
     def _stale(self, slot: _Slot) -> bool:
         # is_closed() is what asyncpg learnt from the socket (the server ended the session, or
-        # restarted): no round trip is spent on it.
-        return bool(slot.driver.is_closed()) or (
-            time.monotonic() - slot.since > self.recycle_seconds
+        # restarted): no round trip is spent on it. A connection idle for longer than
+        # `idle_seconds` is replaced before a server or pooler that drops idle sessions (Neon
+        # after 5 minutes) can do it under a request.
+        now = time.monotonic()
+        return (
+            bool(slot.driver.is_closed())
+            or now - slot.since > self.recycle_seconds
+            or now - slot.last_used > self.idle_seconds
         )
 
     async def _connect(self, slot: _Slot) -> AsyncSession:
@@ -269,17 +279,18 @@ class SessionPool:
                 return
             except Exception:  # a broken connection, or one interrupted mid-statement
                 log.debug("rollback failed; the connection is discarded", exc_info=True)
-        await self._discard(slot)
+        await self._discard(slot, close=True)
 
-    async def _discard(self, slot: _Slot) -> None:
+    async def _discard(self, slot: _Slot, *, close: bool = False) -> None:
+        """Give the slot's connection back to the engine's pool, or with `close` end it."""
         connection, driver = slot.connection, slot.driver
         slot.connection = slot.session = slot.driver = None
         if connection is None:
             return
         try:
-            if driver.is_closed():
-                # The engine's pool cannot tell (its reset on return sends nothing in
-                # autocommit mode): make it drop the connection, not hand it out again.
+            if close or driver.is_closed():
+                # The engine's pool would hand the same connection out again (its reset on
+                # return sends nothing in autocommit mode): make it drop this one.
                 await connection.invalidate()
             await connection.close()  # the engine's pool resets it, or drops it if broken
         except Exception:
@@ -303,7 +314,7 @@ class _Lease:
         try:
             session = slot.session
             if session is None or pool._stale(slot):
-                await pool._discard(slot)
+                await pool._discard(slot, close=True)
                 session = await pool._connect(slot)
         except BaseException:
             pool._release(slot)
@@ -323,7 +334,7 @@ class _Lease:
             if slot.overflow:
                 await pool._discard(slot)
         except BaseException:
-            await pool._discard(slot)
+            await pool._discard(slot, close=True)
             raise
         finally:
             pool._release(slot)

@@ -160,6 +160,7 @@ def test_password_never_in_repr_or_str() -> None:
         ({"ACCESS_LOG": "some"}, "ACCESS_LOG"),
         ({"MAX_IN_FLIGHT": "-1"}, "MAX_IN_FLIGHT"),
         ({"MAX_IN_FLIGHT": "many"}, "MAX_IN_FLIGHT"),
+        ({"DB_POOL_IDLE_TIMEOUT": "0.5"}, "DB_POOL_IDLE_TIMEOUT"),
         ({"API_TOKENS": "short"}, "API_TOKENS"),
         ({"DATABASE_URL": "mysql://u:p@h/db"}, "DATABASE_URL"),
         ({"DATABASE_URL": "not a url"}, "DATABASE_URL"),

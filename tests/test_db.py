@@ -190,3 +190,16 @@ async def test_overflow_slots_give_their_connection_back(autocommit_engine: Asyn
     await asyncio.gather(*tasks)
     assert pool.connections == 1  # the overflow connection went back
     await pool.close()
+
+
+async def test_a_connection_idle_too_long_is_replaced_before_it_is_leased(
+    autocommit_engine: AsyncEngine,
+) -> None:
+    pool = make_pool(autocommit_engine, size=1, idle_seconds=0.4)
+    pid = await backend_pid(pool)
+    for _ in range(4):  # kept busy: never idle for 0.4 s, so never replaced
+        await asyncio.sleep(0.15)
+        assert await backend_pid(pool) == pid
+    await asyncio.sleep(0.6)
+    assert await backend_pid(pool) != pid  # a fresh server session, before the server drops it
+    await pool.close()
