@@ -10,6 +10,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 from uuid import uuid4
 
@@ -22,6 +23,9 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from service.config import Settings
 
 log = logging.getLogger("service.db")
+
+# How much longer than the server's statement_timeout the client waits for an answer.
+CLIENT_TIMEOUT_MARGIN_SECONDS = 1.0
 
 
 def ssl_connect_arg(
@@ -74,6 +78,9 @@ def engine_options(settings: Settings) -> dict[str, Any]:
             connect_args["command_timeout"] = timeout_ms / 1000
     elif timeout_ms:
         connect_args["server_settings"]["statement_timeout"] = str(timeout_ms)
+        # The server cancels a slow statement itself; the client gives up a little later, for
+        # when no answer can come at all (a NAT or firewall dropping packets without a reset).
+        connect_args["command_timeout"] = timeout_ms / 1000 + CLIENT_TIMEOUT_MARGIN_SECONDS
     return {
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_max_overflow,
@@ -176,6 +183,7 @@ class SessionPool:
         timeout: float,
         recycle_seconds: float,
         idle_seconds: float = float("inf"),
+        deadline_seconds: float | None = None,
         transactional: bool,
         observe_wait: Callable[[float], None] = lambda seconds: None,
     ) -> None:
@@ -183,6 +191,10 @@ class SessionPool:
         self.timeout = timeout
         self.recycle_seconds = recycle_seconds
         self.idle_seconds = idle_seconds
+        # How long a lease may last at most: the statement timeout and a margin. asyncpg's own
+        # client-side timeout fires in time, but the cancel request it then sends over a silent
+        # network holds the request as long again; at the deadline the connection is aborted.
+        self.deadline_seconds = deadline_seconds
         # Behind a transaction-mode pooler reads run in a transaction too, which a lease ends.
         self.transactional = transactional
         self.observe_wait = observe_wait
@@ -302,11 +314,13 @@ class SessionPool:
 class _Lease:
     """What `SessionPool.lease()` returns: a class, not a generator, to keep a request cheap."""
 
-    __slots__ = ("pool", "slot")
+    __slots__ = ("expired", "pool", "slot", "watchdog")
 
     def __init__(self, pool: SessionPool) -> None:
         self.pool = pool
         self.slot: _Slot | None = None
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.expired = False
 
     async def __aenter__(self) -> AsyncSession:
         pool = self.pool
@@ -319,13 +333,26 @@ class _Lease:
         except BaseException:
             pool._release(slot)
             raise
+        if pool.deadline_seconds:
+            loop = asyncio.get_running_loop()
+            self.watchdog = loop.call_later(pool.deadline_seconds, self._expire, slot.driver)
         return session
 
+    def _expire(self, driver: Any) -> None:
+        # Aborting the socket wakes everything waiting on this connection at once.
+        self.expired = True
+        driver.terminate()
+
     async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, _: object
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
     ) -> None:
         pool, slot = self.pool, self.slot
         assert slot is not None and slot.session is not None  # noqa: S101 (set on enter)
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         try:
             if error is not None:
                 await pool._recover(slot)
@@ -338,6 +365,10 @@ class _Lease:
             raise
         finally:
             pool._release(slot)
+        if self.expired:
+            raise TimeoutError(
+                f"the database did not answer within {pool.deadline_seconds:g} s"
+            ) from error
 
 
 def _expire(waiter: asyncio.Future[_Slot], timeout: float) -> None:

@@ -70,6 +70,11 @@ def handle_database_error(request: Request[Any, Any, Any], exc: Exception) -> Re
         return problem_response(
             503, "the database is busy: no connection became free in time", retry
         )
+    if isinstance(exc, TimeoutError):
+        # The client-side statement timeout: no answer came in time (a silent network, an
+        # overloaded server). A write may or may not have been applied; PATCH is safe to resend.
+        log.warning("the database did not answer within the statement timeout")
+        return problem_response(503, "the database did not answer in time; retry shortly", retry)
     sqlstate = _sqlstate(exc)
     if (
         isinstance(exc, OSError | InterfaceError)

@@ -228,4 +228,6 @@ def test_statement_timeout_goes_to_the_server() -> None:
     )
     options = engine_options(settings)
     assert options["connect_args"]["server_settings"]["statement_timeout"] == "250"
+    # ...and the client waits a little longer, for when no answer can come at all.
+    assert options["connect_args"]["command_timeout"] == 1.25
     assert options["pool_pre_ping"] is False
