@@ -8,10 +8,14 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
+import ssl
 import sys
 
+import asyncpg
 import uvicorn
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 
 from service.config import (
     Settings,
@@ -65,6 +69,49 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (OSError, DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        where = describe_database(settings.database_url) if settings.database_url else "database"
+        print(f"error: cannot use {where}: {refusal_reason(exc)}", file=sys.stderr)
+        return 1
+
+
+# SQLSTATEs a refused connection or a missing object answers with, in words.
+REFUSAL_SQLSTATES = {
+    "28P01": "password authentication failed",
+    "28000": "the server refused this user or host (pg_hba.conf)",
+    "3D000": "the database does not exist",
+    "42P01": "the table does not exist (run `python -m service migrate`)",
+    "53300": "the server has no free connection slots",
+    "57P03": "the server is starting up or shutting down",
+}
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """Why the database could not be used, in one line, without the driver's full message.
+
+    Driver messages can quote connection parameters; this names the cause only.
+    """
+    cause: BaseException = exc
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        cause = exc.orig.__cause__ or exc.orig
+    sqlstate = getattr(cause, "sqlstate", None)
+    if sqlstate in REFUSAL_SQLSTATES:
+        return REFUSAL_SQLSTATES[sqlstate]
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"TLS certificate not accepted ({cause.verify_message})"
+    if isinstance(cause, ssl.SSLError):
+        return "TLS handshake failed"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused (is the server running, and is the port right?)"
+    if isinstance(cause, socket.gaierror):
+        return "unknown host name"
+    if isinstance(cause, TimeoutError):
+        return "no answer in time (unreachable host, or a firewall dropping packets)"
+    if isinstance(cause, OSError):
+        return f"network error ({cause.strerror or type(cause).__name__})"
+    if sqlstate:
+        return f"the server refused the request (SQLSTATE {sqlstate})"
+    return type(cause).__name__
 
 
 def migrate(settings: Settings) -> int:

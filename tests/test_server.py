@@ -7,9 +7,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 
-from tests.conftest import AUTH, run_cli, run_service, service_environment
+from tests.conftest import AUTH, free_port, run_cli, run_service, service_environment
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +91,26 @@ def test_migrate_command_applies_and_is_repeatable(database_url: URL, tmp_path: 
         result = run_cli(env, tmp_path, "migrate")
         assert result.returncode == 0, result.stderr
     assert "migrations applied" in result.stderr
+
+
+@pytest.mark.parametrize("command", [("migrate",), ("seed", "--rows", "5")])
+def test_a_database_that_cannot_be_used_is_one_line_not_a_traceback(
+    tmp_path: Path, server_url: URL, command: tuple[str, ...]
+) -> None:
+    port = free_port()
+    cases = [
+        (
+            make_url(f"postgresql://app:Hunter2Hunter2@127.0.0.1:{port}/items"),
+            f"error: cannot use 127.0.0.1:{port}/items: connection refused",
+        ),
+        (server_url.set(database="no_such_database"), "the database does not exist"),
+    ]
+    for url, expected in cases:
+        env = service_environment(url, API_TOKENS="")
+        result = run_cli(env, tmp_path, *command)
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert expected in lines[0], lines[0]
+        assert "Traceback" not in result.stderr + result.stdout
+        assert "Hunter2Hunter2" not in result.stderr + result.stdout
