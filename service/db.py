@@ -221,6 +221,11 @@ class SessionPool:
         """Database connections the slots hold right now."""
         return sum(1 for slot in self._slots if slot.connection is not None)
 
+    @property
+    def checked_in(self) -> int:
+        """Open connections waiting for a request."""
+        return sum(1 for slot in self._idle if slot.connection is not None)
+
     async def close(self) -> None:
         """Give every idle slot's connection back (the engine's dispose then closes them)."""
         for slot in self._idle:

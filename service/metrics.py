@@ -26,7 +26,7 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class PoolCollector(Collector):
-    """Reads the engine's pool at scrape time, so the numbers are never stale."""
+    """Reads the session pool at scrape time, so the numbers are never stale."""
 
     def __init__(self, state: State) -> None:
         self.state = state
@@ -40,7 +40,7 @@ class PoolCollector(Collector):
         for name, doc, value in (
             ("db_pool_size", "Connections the pool keeps open.", size),
             ("db_pool_checked_out", "Connections in use by requests.", sessions.checked_out),
-            ("db_pool_open", "Connections open to the database now.", connections),
+            ("db_pool_checked_in", "Open connections waiting for a request.", sessions.checked_in),
             (
                 "db_pool_overflow",
                 "Connections open beyond the pool size.",

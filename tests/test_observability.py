@@ -45,6 +45,7 @@ async def test_metrics_count_requests_by_route_template_and_status(client: Clien
     for name in (
         "db_pool_size 10.0",
         "db_pool_checked_out",
+        "db_pool_checked_in 1.0",  # the one connection the requests above used, now idle
         "db_pool_overflow",
         "db_pool_wait_seconds_count",
     ):
