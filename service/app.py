@@ -26,12 +26,7 @@ from service.config import (
     describe_database,
     load_settings,
 )
-from service.db import (
-    CLIENT_TIMEOUT_MARGIN_SECONDS,
-    SessionPool,
-    create_engine,
-    create_probe_engine,
-)
+from service.db import SessionPool, create_engine, create_probe_engine, lease_deadline_seconds
 from service.errors import handle_database_error, handle_http_exception, handle_internal_error
 from service.health import get_liveness, get_readiness
 from service.logs import AccessLog
@@ -95,9 +90,7 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
             timeout=settings.db_pool_timeout,
             recycle_seconds=settings.db_pool_recycle,
             idle_seconds=settings.db_pool_idle_timeout,
-            deadline_seconds=settings.db_statement_timeout_ms / 1000 + CLIENT_TIMEOUT_MARGIN_SECONDS
-            if settings.db_statement_timeout_ms
-            else None,
+            deadline_seconds=lease_deadline_seconds(settings),
             transactional=settings.db_pgbouncer,
             observe_wait=metrics.pool_wait.observe,
         )

@@ -55,6 +55,32 @@ def ssl_connect_arg(
     return context
 
 
+def client_timeout_seconds(settings: Settings) -> float | None:
+    """How long the client waits for a statement's answer, or None when statements are unbounded.
+
+    Behind a transaction-mode pooler the client is the only enforcer (poolers reject the
+    `statement_timeout` startup parameter). On a direct connection the server cancels a slow
+    statement itself and the client gives up a little later, for when no answer can come at
+    all (a NAT or firewall dropping packets without a reset).
+    """
+    timeout_ms = settings.db_statement_timeout_ms
+    if not timeout_ms:
+        return None
+    if settings.db_pgbouncer:
+        return timeout_ms / 1000
+    return timeout_ms / 1000 + CLIENT_TIMEOUT_MARGIN_SECONDS
+
+
+def lease_deadline_seconds(settings: Settings) -> float | None:
+    """The longest a request may hold a pooled connection: the statement timeout and a margin.
+
+    Past it the connection is aborted (see `SessionPool`); behind a pooler the margin also
+    covers the BEGIN and COMMIT around the statement.
+    """
+    timeout_ms = settings.db_statement_timeout_ms
+    return timeout_ms / 1000 + CLIENT_TIMEOUT_MARGIN_SECONDS if timeout_ms else None
+
+
 def engine_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for `create_async_engine`, kept apart so tests can read them."""
     connect_args: dict[str, Any] = {
@@ -66,6 +92,9 @@ def engine_options(settings: Settings) -> dict[str, Any]:
     if ssl_arg is not None:
         connect_args["ssl"] = ssl_arg
     timeout_ms = settings.db_statement_timeout_ms
+    client_timeout = client_timeout_seconds(settings)
+    if client_timeout is not None:
+        connect_args["command_timeout"] = client_timeout
     if settings.db_pgbouncer:
         # A transaction-mode pooler hands each transaction to any server connection, so a
         # statement prepared on one is unknown (or, by name, already taken) on another: prepare
@@ -74,13 +103,8 @@ def engine_options(settings: Settings) -> dict[str, Any]:
         connect_args["statement_cache_size"] = 0
         connect_args["prepared_statement_cache_size"] = 0
         connect_args["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid4()}__"
-        if timeout_ms:
-            connect_args["command_timeout"] = timeout_ms / 1000
     elif timeout_ms:
         connect_args["server_settings"]["statement_timeout"] = str(timeout_ms)
-        # The server cancels a slow statement itself; the client gives up a little later, for
-        # when no answer can come at all (a NAT or firewall dropping packets without a reset).
-        connect_args["command_timeout"] = timeout_ms / 1000 + CLIENT_TIMEOUT_MARGIN_SECONDS
     return {
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_max_overflow,
@@ -101,12 +125,22 @@ def create_engine(settings: Settings, *, autocommit: bool = False) -> AsyncEngin
     own transaction, with no BEGIN or COMMIT on the wire. The service's request engine uses it;
     migrations, seeding and the tests' own engines need real multi-statement transactions.
     """
+    return _build_engine(settings, **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}))
+
+
+def create_probe_engine(settings: Settings) -> AsyncEngine:
+    """A one-connection engine for `/readyz`, apart from the request pool.
+
+    The request pool can be entirely busy under load while the database answers well; a probe
+    queued behind it would fail every pod at once and leave the Service nowhere to send traffic.
+    """
+    return _build_engine(settings, pool_size=1, max_overflow=0, isolation_level="AUTOCOMMIT")
+
+
+def _build_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
     if settings.database_url is None:
         raise RuntimeError("the embedded database must be started before the engine is built")
-    options = engine_options(settings)
-    if autocommit:
-        options["isolation_level"] = "AUTOCOMMIT"
-    engine = create_async_engine(settings.database_url, **options)
+    engine = create_async_engine(settings.database_url, **{**engine_options(settings), **overrides})
     event.listen(engine.sync_engine, "checkout", _refuse_closed_connection)
     return engine
 
@@ -121,20 +155,6 @@ def _refuse_closed_connection(
     """
     if dbapi_connection.driver_connection.is_closed():
         raise DisconnectionError("the server closed this connection")
-
-
-def create_probe_engine(settings: Settings) -> AsyncEngine:
-    """A one-connection engine for `/readyz`, apart from the request pool.
-
-    The request pool can be entirely busy under load while the database answers well; a probe
-    queued behind it would fail every pod at once and leave the Service nowhere to send traffic.
-    """
-    options = engine_options(settings)
-    options.update(pool_size=1, max_overflow=0, isolation_level="AUTOCOMMIT")
-    assert settings.database_url is not None  # noqa: S101 (checked by the request engine first)
-    engine = create_async_engine(settings.database_url, **options)
-    event.listen(engine.sync_engine, "checkout", _refuse_closed_connection)
-    return engine
 
 
 class PoolTimeout(PoolTimeoutError):
@@ -163,10 +183,9 @@ class SessionPool:
     CPU. Here each slot keeps its connection and its session, and a request only borrows them.
     The guarantees of the engine's pool are kept: a lease waits at most `timeout` seconds (then
     `PoolTimeout`, a 503); a failed request rolls its session back and, if the connection is
-    broken or in doubt, gives it back to the engine's pool, which discards it; a connection the
-    driver knows is closed, or one idle longer than `idle_seconds`, is replaced before it is
-    leased; and after `recycle_seconds` a slot gives its connection back and takes one again, so
-    the pool's recycle applies as before.
+    broken or in doubt, ends it; a connection the driver knows is closed, one idle longer than
+    `idle_seconds` or one older than `recycle_seconds` is ended and replaced before it is
+    leased; and a lease that outlives `deadline_seconds` has its connection aborted.
 
     Waiters are served first come, first served: a free slot is handed straight to the oldest
     waiter. (SQLAlchemy's asyncio pool sits on asyncio.Queue, where a request that has just

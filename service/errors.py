@@ -38,10 +38,8 @@ class ProblemException(HTTPException):
         self.members = members
 
 
-def problem_response(
-    status: int, detail: str, headers: dict[str, str] | None = None, **members: Any
-) -> Response[dict[str, Any]]:
-    """A problem+json response; `members` become extra top-level members."""
+def problem_document(status: int, detail: str, **members: Any) -> dict[str, Any]:
+    """An RFC 9457 problem document; `members` become extra top-level members."""
     body: dict[str, Any] = {
         "type": "about:blank",
         "title": HTTPStatus(status).phrase,
@@ -49,6 +47,14 @@ def problem_response(
         "detail": detail,
     }
     body.update({key: value for key, value in members.items() if value is not None})
+    return body
+
+
+def problem_response(
+    status: int, detail: str, headers: dict[str, str] | None = None, **members: Any
+) -> Response[dict[str, Any]]:
+    """A problem+json response; `members` become extra top-level members."""
+    body = problem_document(status, detail, **members)
     return Response(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from http import HTTPStatus
 from itertools import count
 
 import msgspec
@@ -21,6 +20,7 @@ from litestar.types import (
     Send,
 )
 
+from service.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_SECONDS, problem_document
 from service.logs import AccessLog
 from service.metrics import Metrics
 
@@ -31,7 +31,6 @@ VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # processes and pods without a system call per request; an id needs to be unique, not secret.
 _ID_PREFIX = os.urandom(8).hex()
 _id_counter = count(1)
-RETRY_AFTER_SECONDS = b"1"
 
 
 def request_id_of(scope: Scope) -> str:
@@ -50,17 +49,6 @@ def request_id_of(scope: Scope) -> str:
             request_id = f"{_ID_PREFIX}{next(_id_counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
         state["request_id"] = request_id
     return request_id
-
-
-def _overloaded_body(limit: int) -> bytes:
-    return msgspec.json.encode(
-        {
-            "type": "about:blank",
-            "title": HTTPStatus.SERVICE_UNAVAILABLE.phrase,
-            "status": 503,
-            "detail": f"the service is at capacity ({limit} requests in progress); retry shortly",
-        }
-    )
 
 
 class ObserveRequests:
@@ -90,7 +78,12 @@ class ObserveRequests:
         self.metrics = metrics
         self.access_log = access_log
         self.max_in_flight = max_in_flight
-        self.overloaded_body = _overloaded_body(max_in_flight)
+        self.overloaded_body = msgspec.json.encode(
+            problem_document(
+                503,
+                f"the service is at capacity ({max_in_flight} requests in progress); retry shortly",
+            )
+        )
         # The label values of each (method, route, status) seen, made once.
         self.labels: dict[tuple[str, str, int], tuple[str, str, str]] = {}
 
@@ -146,8 +139,8 @@ class ObserveRequests:
             "type": "http.response.start",
             "status": 503,
             "headers": [
-                (b"content-type", b"application/problem+json"),
-                (b"retry-after", RETRY_AFTER_SECONDS),
+                (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+                (b"retry-after", RETRY_AFTER_SECONDS.encode()),
                 (b"content-length", str(len(self.overloaded_body)).encode()),
             ],
         }
