@@ -86,6 +86,10 @@ REFUSAL_SQLSTATES = {
 }
 
 
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+TLS_HOST_MISMATCH_CODES = (62, 64)
+
+
 def refusal_reason(exc: BaseException) -> str:
     """Why the database could not be used, in one line, without the driver's full message.
 
@@ -95,12 +99,21 @@ def refusal_reason(exc: BaseException) -> str:
     if isinstance(exc, DBAPIError) and exc.orig is not None:
         cause = exc.orig.__cause__ or exc.orig
     sqlstate = getattr(cause, "sqlstate", None)
+    # pg_hba.conf had only `hostssl` lines for us; the server's words are English unless its
+    # lc_messages says otherwise, and then the general 28000 reason below still holds.
+    if sqlstate == "28000" and "no encryption" in str(cause):
+        return "the server accepts only TLS connections (set sslmode=require or stricter)"
     if sqlstate in REFUSAL_SQLSTATES:
         return REFUSAL_SQLSTATES[sqlstate]
     if isinstance(cause, ssl.SSLCertVerificationError):
-        return f"TLS certificate not accepted ({cause.verify_message})"
+        detail = cause.verify_message.rstrip(".")
+        if cause.verify_code in TLS_HOST_MISMATCH_CODES:
+            return f"the TLS certificate is not valid for this host name ({detail})"
+        return f"TLS certificate not accepted ({detail})"
     if isinstance(cause, ssl.SSLError):
         return "TLS handshake failed"
+    if isinstance(cause, ConnectionError) and "rejected SSL upgrade" in str(cause):
+        return "the server does not offer TLS, which sslmode asks for"
     if isinstance(cause, ConnectionRefusedError):
         return "connection refused (is the server running, and is the port right?)"
     if isinstance(cause, socket.gaierror):
