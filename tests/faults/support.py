@@ -65,6 +65,17 @@ def _give(path: Path) -> None:
         os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
+def tls_capable_bin_dir() -> Path | None:
+    """The newest Debian PostgreSQL server's binaries, if installed.
+
+    pgserver's PostgreSQL is built without OpenSSL ("SSL is not supported by this build"), so a
+    server that speaks TLS has to come from the system (Debian: apt-get install postgresql).
+    """
+    servers = Path("/usr/lib/postgresql").glob("*/bin/postgres")
+    versions = [(int(p.parents[1].name), p.parent) for p in servers if p.parents[1].name.isdigit()]
+    return max(versions)[1] if versions else None
+
+
 def wait_for_port(port: int, timeout: float = 15.0) -> None:
     """Block until something accepts TCP connections on 127.0.0.1:port."""
     deadline = time.monotonic() + timeout
@@ -77,6 +88,14 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
+@dataclasses.dataclass(frozen=True)
+class ServerCertificate:
+    """What a TLS server needs: its certificate chain and private key, as PEM."""
+
+    chain_pem: bytes
+    key_pem: bytes
+
+
 @dataclasses.dataclass
 class ControlledPostgres:
     """A PostgreSQL of the test's own on 127.0.0.1:port; password auth over TCP."""
@@ -84,6 +103,8 @@ class ControlledPostgres:
     root: Path
     port: int
     password: str
+    # Where initdb, pg_ctl and postgres are: pgserver's own, unless the test needs others.
+    bin_dir: Path
 
     @property
     def data_dir(self) -> Path:
@@ -94,51 +115,84 @@ class ControlledPostgres:
         return self.root / "postgres.log"
 
     @classmethod
-    def create(cls) -> ControlledPostgres:
-        """initdb in a new temporary folder and start the server."""
+    def create(
+        cls, password: str | None = None, tls: ServerCertificate | None = None
+    ) -> ControlledPostgres:
+        """initdb in a new temporary folder and start the server.
+
+        With `tls`, the server accepts only SCRAM over TLS, with that certificate, and runs
+        from the system's PostgreSQL binaries (see `tls_capable_bin_dir`).
+        """
         from pgserver._commands import POSTGRES_BIN_PATH
 
+        bin_dir = POSTGRES_BIN_PATH
+        if tls is not None:
+            bin_dir = tls_capable_bin_dir() or POSTGRES_BIN_PATH
         # Short and outside the root user's home: the system user must reach it, and the unix
         # socket PostgreSQL also opens there must fit in 107 bytes.
         root = Path(tempfile.mkdtemp(prefix="faults-pg-"))
         _prepare_system_user(root)
-        server = cls(root=root, port=free_port(), password=f"pg-{secrets.token_hex(12)}")
+        password = password or f"pg-{secrets.token_hex(12)}"
+        server = cls(root=root, port=free_port(), password=password, bin_dir=bin_dir)
         password_file = root / "password"
         password_file.write_text(server.password + "\n")
         _give(password_file)
         server._run(
-            POSTGRES_BIN_PATH / "initdb",
+            server.bin_dir / "initdb",
             [
                 *("-D", str(server.data_dir), "-U", "postgres", "--encoding=UTF8", "--no-sync"),
                 *("--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={password_file}"),
             ],
         )
         password_file.unlink()
+        if tls is not None:
+            server._require_tls(tls)
         server.start()
         return server
 
-    def url(self, database: str = "postgres", password: str | None = None) -> URL:
+    def url(
+        self, database: str = "postgres", password: str | None = None, host: str = "127.0.0.1"
+    ) -> URL:
         """The asyncpg URL of `database`, with the real password unless another is given."""
         return URL.create(
             "postgresql+asyncpg",
             username="postgres",
             password=self.password if password is None else password,
-            host="127.0.0.1",
+            host=host,
             port=self.port,
             database=database,
         )
 
+    def _require_tls(self, tls: ServerCertificate) -> None:
+        """ssl=on with `tls`, and a pg_hba.conf with nothing but SCRAM over TLS (`hostssl`)."""
+        certificate = self.root / "server.crt"
+        key = self.root / "server.key"
+        certificate.write_bytes(tls.chain_pem)
+        # PostgreSQL refuses a key file that its user does not own or that others can read.
+        key.touch(mode=0o600)
+        key.write_bytes(tls.key_pem)
+        for path in (certificate, key):
+            _give(path)
+        with (self.data_dir / "postgresql.conf").open("a") as conf:
+            conf.write(
+                "\nssl = on\n"
+                f"ssl_cert_file = '{certificate}'\n"
+                f"ssl_key_file = '{key}'\n"
+                "password_encryption = 'scram-sha-256'\n"
+            )
+        (self.data_dir / "pg_hba.conf").write_text(
+            "hostssl all all 127.0.0.1/32 scram-sha-256\nhostssl all all ::1/128 scram-sha-256\n"
+        )
+
     def start(self) -> float:
         """Start the server and wait until it accepts connections; returns the seconds taken."""
-        from pgserver._commands import POSTGRES_BIN_PATH
-
         options = (
             f"-h 127.0.0.1 -p {self.port} -k {self.root} -c max_connections=300"
             " -c fsync=off -c full_page_writes=off -c log_min_messages=warning"
         )
         started = time.monotonic()
         self._run(
-            POSTGRES_BIN_PATH / "pg_ctl",
+            self.bin_dir / "pg_ctl",
             [
                 *("-D", str(self.data_dir), "-l", str(self.log_path), "-o", options),
                 *("-w", "-t", "30", "start"),
@@ -148,18 +202,14 @@ class ControlledPostgres:
 
     def stop(self, mode: str = "fast") -> None:
         """pg_ctl stop: `fast` ends every session cleanly, `immediate` is a crash."""
-        from pgserver._commands import POSTGRES_BIN_PATH
-
         self._run(
-            POSTGRES_BIN_PATH / "pg_ctl",
+            self.bin_dir / "pg_ctl",
             ["-D", str(self.data_dir), "-m", mode, "-w", "-t", "30", "stop"],
         )
 
     def is_running(self) -> bool:
-        from pgserver._commands import POSTGRES_BIN_PATH
-
         status = subprocess.run(
-            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.data_dir), "status"],
+            [str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "status"],
             user=run_as(),
             cwd=self.root,
             stdout=subprocess.DEVNULL,
