@@ -3,8 +3,8 @@
 Usage: python deploy/check_manifests.py RENDERED.yaml... (run by deploy/validate.sh).
 Every reference must resolve inside the same render (ConfigMap, Secret and its keys,
 ServiceAccount, HPA target), every selector must pick the pods it is meant for, every namespaced
-object must sit in the overlay's namespace, and the termination grace period must outlast the
-preStop pause plus the service's own drain time.
+object must sit in the overlay's namespace, every pod must do without service links, and the
+termination grace period must outlast the preStop pause plus the service's own drain time.
 """
 
 from __future__ import annotations
@@ -120,6 +120,9 @@ def check_pod(
 ) -> list[str]:
     """Problems with one pod template's references and shutdown timing."""
     problems: list[str] = []
+    if pod.get("enableServiceLinks") is not False:
+        # A Service named `db` would inject DB_PORT=tcp://…, which the settings refuse.
+        problems.append(f"{owner}: enableServiceLinks is not false")
     account = pod.get("serviceAccountName")
     if account not in by_kind.get("ServiceAccount", {}):
         problems.append(f"{owner}: ServiceAccount {account!r} is not in the render")

@@ -26,7 +26,13 @@ from service.config import (
     describe_database,
     load_settings,
 )
-from service.db import SessionPool, create_engine, create_probe_engine, lease_deadline_seconds
+from service.db import (
+    DatabaseUnavailable,
+    SessionPool,
+    create_engine,
+    create_probe_engine,
+    lease_deadline_seconds,
+)
 from service.errors import handle_database_error, handle_http_exception, handle_internal_error
 from service.health import get_liveness, get_readiness
 from service.logs import AccessLog
@@ -152,7 +158,8 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
             HTTPException: handle_http_exception,
             DBAPIError: handle_database_error,
             PoolTimeoutError: handle_database_error,
-            OSError: handle_database_error,
+            # Only the driver's socket errors, as db.py names them: any other OSError is a bug.
+            DatabaseUnavailable: handle_database_error,
             Exception: handle_internal_error,
         },
         request_max_body_size=settings.max_body_bytes,

@@ -24,7 +24,7 @@ from service.config import (
     describe_database,
     load_settings,
 )
-from service.db import create_engine
+from service.db import DatabaseUnavailable, create_engine
 from service.embedded import EmbeddedDatabase, start_embedded_database
 from service.logs import configure_logging, logging_config
 from service.migrate import upgrade_to_head
@@ -98,6 +98,8 @@ def refusal_reason(exc: BaseException) -> str:
     cause: BaseException = exc
     if isinstance(exc, DBAPIError) and exc.orig is not None:
         cause = exc.orig.__cause__ or exc.orig
+    elif isinstance(exc, DatabaseUnavailable) and exc.__cause__ is not None:
+        cause = exc.__cause__  # the driver's own OSError, named by service.db
     sqlstate = getattr(cause, "sqlstate", None)
     # pg_hba.conf had only `hostssl` lines for us; the server's words are English unless its
     # lc_messages says otherwise, and then the general 28000 reason below still holds.

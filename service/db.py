@@ -15,6 +15,7 @@ from typing import Any
 from uuid import uuid4
 
 from sqlalchemy import event
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
@@ -142,7 +143,31 @@ def _build_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
         raise RuntimeError("the embedded database must be started before the engine is built")
     engine = create_async_engine(settings.database_url, **{**engine_options(settings), **overrides})
     event.listen(engine.sync_engine, "checkout", _refuse_closed_connection)
+    event.listen(engine.sync_engine, "handle_error", _name_driver_socket_errors)
     return engine
+
+
+class DatabaseUnavailable(ConnectionError):
+    """The driver could not reach the database, or lost it: answered as 503.
+
+    asyncpg reports a refused or unresolvable host, a failed TLS handshake or a broken socket
+    as a plain OSError, which a bug of ours could raise as well; the engine and the session
+    pool re-raise the driver's as this (the original is the cause), so only they are a 503.
+    """
+
+
+class DatabaseTimeout(DatabaseUnavailable, TimeoutError):
+    """The database did not answer a statement in time (client-side timeout, lease deadline)."""
+
+
+def _name_driver_socket_errors(context: ExceptionContext) -> BaseException | None:
+    """Engine `handle_error` hook: an OSError raised while a statement runs is the driver's."""
+    error = context.original_exception
+    if isinstance(error, DatabaseUnavailable) or not isinstance(error, OSError):
+        return None
+    if isinstance(error, TimeoutError):
+        return DatabaseTimeout("the database did not answer in time")
+    return DatabaseUnavailable(f"the connection to the database failed ({type(error).__name__})")
 
 
 def _refuse_closed_connection(
@@ -293,7 +318,15 @@ class SessionPool:
         )
 
     async def _connect(self, slot: _Slot) -> AsyncSession:
-        connection = await self.engine.connect()
+        try:
+            connection = await self.engine.connect()
+        except DatabaseUnavailable:
+            raise
+        except OSError as exc:
+            # The engine's `handle_error` hook sees statements only, not the pool's connects.
+            raise DatabaseUnavailable(
+                f"cannot connect to the database ({type(exc).__name__})"
+            ) from exc
         try:
             raw = await connection.get_raw_connection()
         except BaseException:
@@ -390,7 +423,7 @@ class _Lease:
         finally:
             pool._release(slot)
         if self.expired:
-            raise TimeoutError(
+            raise DatabaseTimeout(
                 f"the database did not answer within {pool.deadline_seconds:g} s"
             ) from error
 

@@ -11,6 +11,8 @@ from litestar.exceptions import HTTPException, ValidationException
 from sqlalchemy.exc import DBAPIError, InterfaceError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from service.db import DatabaseTimeout, DatabaseUnavailable
+
 log = logging.getLogger("service.errors")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -76,14 +78,14 @@ def handle_database_error(request: Request[Any, Any, Any], exc: Exception) -> Re
         return problem_response(
             503, "the database is busy: no connection became free in time", retry
         )
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, DatabaseTimeout):
         # The client-side statement timeout: no answer came in time (a silent network, an
         # overloaded server). A write may or may not have been applied; PATCH is safe to resend.
         log.warning("the database did not answer within the statement timeout")
         return problem_response(503, "the database did not answer in time; retry shortly", retry)
     sqlstate = _sqlstate(exc)
     if (
-        isinstance(exc, OSError | InterfaceError)
+        isinstance(exc, DatabaseUnavailable | InterfaceError)
         or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
         or (sqlstate is not None and sqlstate.startswith(UNAVAILABLE_SQLSTATES))
     ):
@@ -139,6 +141,8 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 def _summary(exc: BaseException) -> str:
     """The error class and SQLSTATE only: driver messages can quote connection parameters."""
+    if isinstance(exc, DatabaseUnavailable):
+        return str(exc)  # our own words, which name the driver's error class only
     return f"{type(exc).__name__} sqlstate={_sqlstate(exc)}"
 
 

@@ -182,6 +182,8 @@ def logging_config(level: str, log_format: str = "json") -> dict[str, Any]:
         if log_format == "json"
         else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
     )
+    # Libraries that narrate routine work at INFO get warnings only, or less if `level` says so.
+    quiet = level if logging.getLevelName(level) > logging.WARNING else "WARNING"
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -192,9 +194,14 @@ def logging_config(level: str, log_format: str = "json") -> dict[str, Any]:
             "uvicorn": {"level": level},
             "uvicorn.error": {"level": level},
             # Our access log carries the route template and request id; uvicorn's would repeat it.
-            "uvicorn.access": {"level": "WARNING"},
+            "uvicorn.access": {"level": quiet},
             # pgserver narrates every pg_ctl call at INFO.
-            "pgserver": {"level": "WARNING"},
+            "pgserver": {"level": quiet},
+            # The pool's "Pool disposed", "Pool recreating" and "Invalidate connection" at every
+            # replaced connection, and the engine's every statement. SQLAlchemy sets WARNING on
+            # import only if nothing configured it before; this does not depend on the order.
+            "sqlalchemy.pool": {"level": quiet},
+            "sqlalchemy.engine": {"level": quiet},
         },
     }
 

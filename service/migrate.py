@@ -8,6 +8,10 @@ from alembic.config import Config
 from service.config import Settings
 
 
+class MigrationRefused(RuntimeError):
+    """A migration will not change what it found: one line that says what, and what to do."""
+
+
 def alembic_config(settings: Settings) -> Config:
     """An Alembic config whose env.py connects with the service's own settings."""
     config = Config()

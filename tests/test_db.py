@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
-from service.db import PoolTimeout, SessionPool, create_engine
-from tests.conftest import asyncpg_dsn
+from service.db import (
+    DatabaseTimeout,
+    DatabaseUnavailable,
+    PoolTimeout,
+    SessionPool,
+    create_engine,
+)
+from tests.conftest import asyncpg_dsn, free_port
 
 BACKEND_PID = text("SELECT pg_backend_pid()")
 
@@ -203,3 +210,35 @@ async def test_a_connection_idle_too_long_is_replaced_before_it_is_leased(
     await asyncio.sleep(0.6)
     assert await backend_pid(pool) != pid  # a fresh server session, before the server drops it
     await pool.close()
+
+
+async def test_a_refused_connection_is_named_database_unavailable(settings: Settings) -> None:
+    nobody = make_url(f"postgresql+asyncpg://postgres:pw@127.0.0.1:{free_port()}/nothing")
+    engine = create_engine(dataclasses.replace(settings, database_url=nobody))
+    pool = make_pool(engine)
+    try:
+        with pytest.raises(DatabaseUnavailable) as raised:
+            async with pool.lease():
+                pass
+        assert isinstance(raised.value.__cause__, ConnectionRefusedError)
+        assert "pw" not in str(raised.value)
+        assert pool.checked_out == 0
+    finally:
+        await pool.close()
+        await engine.dispose()
+
+
+async def test_a_statement_the_driver_gives_up_on_is_named_database_timeout(
+    database_url: URL,
+) -> None:
+    # Behind a pooler the client enforces the statement timeout: asyncpg raises a bare
+    # TimeoutError, which the engine's hook names as the database's.
+    settings = Settings(database_url=database_url, db_pgbouncer=True, db_statement_timeout_ms=200)
+    engine = create_engine(settings)
+    try:
+        async with engine.connect() as connection:
+            with pytest.raises(DatabaseTimeout) as raised:
+                await connection.execute(text("SELECT pg_sleep(5)"))
+        assert type(raised.value.__cause__) is TimeoutError
+    finally:
+        await engine.dispose()

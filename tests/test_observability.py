@@ -9,6 +9,8 @@ import io
 import json
 import logging
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -24,7 +26,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
 from service.logs import JsonFormatter, QueuedStderrHandler, StderrWriter
-from tests.conftest import AUTH, concurrent_client, run_service, service_environment
+from tests.conftest import (
+    AUTH,
+    PROJECT_ROOT,
+    concurrent_client,
+    run_service,
+    service_environment,
+)
 
 Client = AsyncTestClient[Any]
 
@@ -164,3 +172,47 @@ async def test_requests_past_max_in_flight_are_refused_at_once(
             assert "http_requests_in_flight 3.0" in metrics  # the two writes and the scrape
         assert [r.status_code for r in await asyncio.gather(*blocked)] == [200, 200]
         assert (await client.get("/items")).status_code == 200
+
+
+# In a child process, as the service configures logging: connect, invalidate a connection and
+# dispose the engine (which recreates its pool), then log one line of our own.
+POOL_CHURN = """
+import asyncio, logging, sys
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from service.config import Settings
+from service.db import create_engine
+from service.logs import configure_logging
+
+# SQLAlchemy quiets itself on import only when no level was set before: do not count on that.
+logging.getLogger("sqlalchemy").setLevel(logging.NOTSET)
+configure_logging("INFO", "json")
+
+async def churn():
+    engine = create_engine(Settings(database_url=make_url(sys.argv[1])))
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
+        await connection.invalidate()
+    await engine.dispose()
+    logging.getLogger("service.test").info("pool churned")
+
+asyncio.run(churn())
+"""
+
+
+def test_sqlalchemy_pool_and_engine_lines_stay_out_of_the_log_at_info(database_url: URL) -> None:
+    child = subprocess.run(
+        [sys.executable, "-c", POOL_CHURN, database_url.render_as_string(hide_password=False)],
+        cwd=PROJECT_ROOT,
+        env={**service_environment(None), "PYTHONPATH": str(PROJECT_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    lines = [json.loads(line) for line in child.stderr.splitlines()]
+    assert [line["message"] for line in lines if line["logger"] == "service.test"] == [
+        "pool churned"
+    ]
+    assert [line for line in lines if line["logger"].startswith("sqlalchemy")] == []
