@@ -14,9 +14,10 @@ from types import TracebackType
 from typing import Any
 from uuid import uuid4
 
+import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import ExceptionContext
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
@@ -180,6 +181,21 @@ def _refuse_closed_connection(
     """
     if dbapi_connection.driver_connection.is_closed():
         raise DisconnectionError("the server closed this connection")
+
+
+def connection_was_lost(exc: BaseException) -> bool:
+    """The statement failed because its connection died (the server ended the session or
+    restarted, a reset): nothing came back, so a read may be sent again on a fresh connection."""
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def nothing_reached_server(exc: BaseException) -> bool:
+    """The driver refused a connection it already knew was closed, before sending a byte: even a
+    write may be sent again. (Lost in the middle of a statement, a write may have committed.)"""
+    if not connection_was_lost(exc):
+        return False
+    orig = exc.orig if isinstance(exc, DBAPIError) else None
+    return type(getattr(orig, "__cause__", None)) is asyncpg.InterfaceError
 
 
 class PoolTimeout(PoolTimeoutError):

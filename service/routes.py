@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import collections
+import logging
 import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any
 
 from litestar import Request, delete, get, patch, post
 from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
+from sqlalchemy import Executable
 
 from service import queries
 from service.auth import WRITE_SECURITY, authorize_json_write, authorize_write
+from service.db import SessionPool, connection_was_lost, nothing_reached_server
 from service.errors import ProblemException
 from service.schemas import (
     INT4_MAX,
@@ -26,6 +30,8 @@ from service.schemas import (
     ValueUpdate,
     ValueUpdatesBody,
 )
+
+log = logging.getLogger("service.routes")
 
 PROBLEM = ResponseSpec(
     Problem, description="Problem document", media_type="application/problem+json"
@@ -63,21 +69,21 @@ async def list_items(
             raise _bad_parameter("min_value", "must be a finite number")
         params["value"] = min_value
         statement = queries.SELECT_ITEMS_ABOVE_VALUE
-    async with request.app.state.sessions.lease() as session:
-        items = [Item(*row) for row in await session.execute(statement, params)]
+    items = [Item(*row) for row in await _read(request, statement, params)]
     return ItemPage(items=items, next_after_id=items[-1].id if len(items) == limit else None)
 
 
 @get("/items/{item_id:int}", responses={404: PROBLEM, 503: PROBLEM})
 async def get_item(request: Request[Any, Any, Any], item_id: FromPath[int]) -> Item:
     """One row by id."""
-    row = None
-    if 1 <= item_id <= INT4_MAX:
-        async with request.app.state.sessions.lease() as session:
-            row = (await session.execute(queries.SELECT_ITEM, {"id": item_id})).first()
-    if row is None:
+    rows = (
+        await _read(request, queries.SELECT_ITEM, {"id": item_id})
+        if 1 <= item_id <= INT4_MAX
+        else ()
+    )
+    if not rows:
         raise ProblemException(404, f"no item with id {item_id}")
-    return Item(*row)
+    return Item(*rows[0])
 
 
 @post(
@@ -96,10 +102,8 @@ async def create_items(
     _check_batch_size(len(data), request.app.state.settings.max_batch)
     _check_names(data)
     params = {"names": [item.name for item in data], "values": [item.value for item in data]}
-    async with request.app.state.sessions.lease() as session:
-        rows = sorted((await session.execute(queries.INSERT_ITEMS, params)).all())
-        await session.commit()
-    return CreatedItems(items=[Item(*row) for row in rows])
+    rows = await _write(request, queries.INSERT_ITEMS, params)
+    return CreatedItems(items=[Item(*row) for row in sorted(rows)])
 
 
 @patch(
@@ -123,9 +127,7 @@ async def update_values(
     ids = [update.id for update in data]
     _check_unique_ids(ids)
     params = {"ids": ids, "values": [update.value for update in data]}
-    async with request.app.state.sessions.lease() as session:
-        missing = (await session.execute(queries.UPDATE_ITEM_VALUES, params)).scalar_one()
-        await session.commit()
+    (missing,) = (await _write(request, queries.UPDATE_ITEM_VALUES, params))[0]
     if missing:
         raise ProblemException(
             404, "some ids do not exist; nothing was changed", missing_ids=missing
@@ -141,14 +143,55 @@ async def update_values(
 )
 async def delete_item(request: Request[Any, Any, Any], item_id: FromPath[int]) -> None:
     """Delete one row by id."""
-    deleted = None
-    if 1 <= item_id <= INT4_MAX:
-        async with request.app.state.sessions.lease() as session:
-            result = await session.execute(queries.DELETE_ITEM, {"id": item_id})
-            deleted = result.scalar_one_or_none()
-            await session.commit()
-    if deleted is None:
+    deleted = (
+        await _write(request, queries.DELETE_ITEM, {"id": item_id})
+        if 1 <= item_id <= INT4_MAX
+        else ()
+    )
+    if not deleted:
         raise ProblemException(404, f"no item with id {item_id}")
+
+
+async def _read(
+    request: Request[Any, Any, Any], statement: Executable, params: Mapping[str, object]
+) -> Sequence[Any]:
+    """The rows of one read, on a leased session.
+
+    A read whose connection turns out dead (the server ended idle sessions or restarted before
+    the pool could notice) is sent once more on a fresh connection: it changed nothing and
+    returned nothing yet.
+    """
+    return await _run(request, statement, params, commit=False, retry_if=connection_was_lost)
+
+
+async def _write(
+    request: Request[Any, Any, Any], statement: Executable, params: Mapping[str, object]
+) -> Sequence[Any]:
+    """The rows a write returns, committed; sent again only if it provably never left us."""
+    return await _run(request, statement, params, commit=True, retry_if=nothing_reached_server)
+
+
+async def _run(
+    request: Request[Any, Any, Any],
+    statement: Executable,
+    params: Mapping[str, object],
+    *,
+    commit: bool,
+    retry_if: Callable[[BaseException], bool],
+) -> Sequence[Any]:
+    sessions: SessionPool = request.app.state.sessions
+    for attempt in (1, 2):
+        try:
+            async with sessions.lease() as session:
+                rows = (await session.execute(statement, params)).all()
+                if commit:
+                    await session.commit()
+                return rows
+        except Exception as exc:
+            if attempt == 2 or not retry_if(exc):
+                raise
+            log.info("a pooled connection was found dead; the statement is sent again")
+    raise AssertionError("unreachable")
 
 
 def _check_batch_size(size: int, max_batch: int) -> None:
