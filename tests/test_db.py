@@ -19,7 +19,9 @@ from service.db import (
     DatabaseUnavailable,
     PoolTimeout,
     SessionPool,
+    connection_was_lost,
     create_engine,
+    nothing_reached_server,
 )
 from tests.conftest import asyncpg_dsn, free_port
 
@@ -165,6 +167,40 @@ async def test_a_connection_the_server_closed_is_replaced_before_it_is_leased(
     await asyncio.sleep(0.2)  # the server's goodbye reaches the idle connection's socket
     assert await backend_pid(pool) != pid  # no error reached the request
     await pool.close()
+
+
+async def test_a_write_is_known_unsent_only_when_the_driver_refused_a_closed_connection(
+    autocommit_engine: AsyncEngine, server_url: URL
+) -> None:
+    """What the routes' retry rules rest on, seen on real connections the server ends."""
+    admin = await asyncpg.connect(asyncpg_dsn(server_url))
+    pool = make_pool(autocommit_engine, size=1)
+    try:
+        # Closed before the statement: the driver refuses it without sending a byte.
+        async with pool.lease() as session:
+            pid = (await session.execute(BACKEND_PID)).scalar_one()
+            await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+            await asyncio.sleep(0.2)
+            with pytest.raises(Exception) as refused:
+                await session.execute(text("SELECT 1"))
+        assert connection_was_lost(refused.value) and nothing_reached_server(refused.value)
+        # Lost in the middle of a statement: it reached the server, which may have applied it.
+        async with pool.lease() as session:
+            pid = (await session.execute(BACKEND_PID)).scalar_one()
+            sleeping = asyncio.ensure_future(session.execute(text("SELECT pg_sleep(5)")))
+            await asyncio.sleep(0.3)
+            await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+            with pytest.raises(Exception) as lost:
+                await sleeping
+        assert connection_was_lost(lost.value) and not nothing_reached_server(lost.value)
+        # Any other failure is neither.
+        async with pool.lease() as session:
+            with pytest.raises(Exception) as bad:
+                await session.execute(text("SELECT 1 / 0"))
+        assert not connection_was_lost(bad.value) and not nothing_reached_server(bad.value)
+    finally:
+        await admin.close()
+        await pool.close()
 
 
 async def test_connections_are_recycled(database_url: URL) -> None:

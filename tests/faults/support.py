@@ -8,6 +8,7 @@ PostgreSQL (and PgBouncer) refuse to run, so both run as pgserver's system user,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +325,62 @@ class PgBouncer:
                 self.process.kill()
                 self.process.wait()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class TcpProxy:
+    """A TCP proxy to PostgreSQL that the test controls, for faults of the network between.
+
+    `silent`: forwarding stops, nothing is closed (a NAT or firewall dropping packets).
+    `cut_open_connections()`: each connection open now is closed the moment its client next
+    sends something, which is never forwarded (a reset arriving mid-request); connections opened
+    afterwards work.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self.silent = False
+        self.server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+        self._doomed: set[asyncio.StreamWriter] = set()
+
+    def cut_open_connections(self) -> None:
+        self._doomed |= self._open
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: bool
+    ) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                if client and writer in self._doomed:
+                    break
+                if not self.silent:
+                    writer.write(data)
+                    await writer.drain()
+        writer.close()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._open.add(server_w)
+        try:
+            # Closing the server side on a cut ends the other pipe too, which closes the client.
+            await asyncio.gather(
+                self._pipe(client_r, server_w, client=True),
+                self._pipe(server_r, client_w, client=False),
+            )
+        finally:
+            self._open.discard(server_w)
+            self._doomed.discard(server_w)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[TcpProxy]:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        try:
+            yield self
+        finally:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 2)
 
 
 async def seed_rows(database: URL, count: int, value: float = 0.0) -> None:

@@ -9,10 +9,8 @@ database did not answer in time; once the network forwards again, requests succe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -20,52 +18,20 @@ import pytest
 from sqlalchemy.engine import URL
 
 from service.db import CLIENT_TIMEOUT_MARGIN_SECONDS
-from tests.conftest import AUTH, free_port, run_service, service_environment
+from tests.conftest import AUTH, run_service, service_environment
 from tests.faults.report import record, status_counts
-from tests.faults.support import seed_rows, send
+from tests.faults.support import TcpProxy, seed_rows, send
 
 pytestmark = pytest.mark.slow
 
 STATEMENT_TIMEOUT_MS = 500
 
 
-class SilentableProxy:
-    """Forwards TCP to PostgreSQL until `silent` is set; then reads and drops, closing nothing."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.port = free_port()
-        self.silent = False
-        self.server: asyncio.Server | None = None
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-            while data := await reader.read(65536):
-                if not self.silent:
-                    writer.write(data)
-                    await writer.drain()
-        writer.close()
-
-    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        await asyncio.gather(self._pipe(client_r, server_w), self._pipe(server_r, client_w))
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[SilentableProxy]:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        try:
-            yield self
-        finally:
-            self.server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.server.wait_closed(), 2)
-
-
 async def test_a_silent_network_costs_a_bounded_503_never_a_hang(
     fault_database: URL, tmp_path: Path
 ) -> None:
     await seed_rows(fault_database, 10)
-    proxy = SilentableProxy(fault_database.port or 5432)
+    proxy = TcpProxy(fault_database.port or 5432)
     async with proxy.running():
         env = service_environment(
             fault_database.set(port=proxy.port),
