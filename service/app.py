@@ -33,7 +33,12 @@ from service.db import (
     create_probe_engine,
     lease_deadline_seconds,
 )
-from service.errors import handle_database_error, handle_http_exception, handle_internal_error
+from service.errors import (
+    FailureLog,
+    handle_database_error,
+    handle_http_exception,
+    handle_internal_error,
+)
 from service.health import get_liveness, get_readiness
 from service.logs import AccessLog
 from service.metrics import Metrics, get_metrics
@@ -103,6 +108,7 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
         app.state.engine = engine
         app.state.sessions = sessions
         app.state.probe_engine = create_probe_engine(settings)
+        app.state.database_failures = FailureLog(describe_database(engine.url))
         log.info("using database %s", describe_database(engine.url))
         host = engine.url.host or ""
         if "-pooler" in host and not settings.db_pgbouncer:

@@ -8,8 +8,6 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
-import ssl
 import sys
 
 import asyncpg
@@ -24,13 +22,18 @@ from service.config import (
     describe_database,
     load_settings,
 )
-from service.db import DatabaseUnavailable, create_engine
+from service.db import create_engine
 from service.embedded import EmbeddedDatabase, start_embedded_database
+from service.errors import refusal_reason, refused_for_good
 from service.logs import configure_logging, logging_config
 from service.migrate import upgrade_to_head
+from service.queries import SELECT_NOTHING
 from service.seed import seed_demo_rows, seed_notebook_rows
 
 log = logging.getLogger("service.cli")
+
+# What a database that cannot be used raises, from the driver, SQLAlchemy or service.db.
+DATABASE_ERRORS = (OSError, DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 # Seconds uvicorn waits for in-flight requests after SIGTERM before closing them.
 GRACEFUL_SHUTDOWN_SECONDS = 20
@@ -69,64 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (OSError, DBAPIError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DATABASE_ERRORS as exc:
         where = describe_database(settings.database_url) if settings.database_url else "database"
         print(f"error: cannot use {where}: {refusal_reason(exc)}", file=sys.stderr)
         return 1
-
-
-# SQLSTATEs a refused connection or a missing object answers with, in words.
-REFUSAL_SQLSTATES = {
-    "28P01": "password authentication failed",
-    "28000": "the server refused this user or host (pg_hba.conf)",
-    "3D000": "the database does not exist",
-    "42P01": "the table does not exist (run `python -m service migrate`)",
-    "53300": "the server has no free connection slots",
-    "57P03": "the server is starting up or shutting down",
-}
-
-
-# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
-TLS_HOST_MISMATCH_CODES = (62, 64)
-
-
-def refusal_reason(exc: BaseException) -> str:
-    """Why the database could not be used, in one line, without the driver's full message.
-
-    Driver messages can quote connection parameters; this names the cause only.
-    """
-    cause: BaseException = exc
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        cause = exc.orig.__cause__ or exc.orig
-    elif isinstance(exc, DatabaseUnavailable) and exc.__cause__ is not None:
-        cause = exc.__cause__  # the driver's own OSError, named by service.db
-    sqlstate = getattr(cause, "sqlstate", None)
-    # pg_hba.conf had only `hostssl` lines for us; the server's words are English unless its
-    # lc_messages says otherwise, and then the general 28000 reason below still holds.
-    if sqlstate == "28000" and "no encryption" in str(cause):
-        return "the server accepts only TLS connections (set sslmode=require or stricter)"
-    if sqlstate in REFUSAL_SQLSTATES:
-        return REFUSAL_SQLSTATES[sqlstate]
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        detail = cause.verify_message.rstrip(".")
-        if cause.verify_code in TLS_HOST_MISMATCH_CODES:
-            return f"the TLS certificate is not valid for this host name ({detail})"
-        return f"TLS certificate not accepted ({detail})"
-    if isinstance(cause, ssl.SSLError):
-        return "TLS handshake failed"
-    if isinstance(cause, ConnectionError) and "rejected SSL upgrade" in str(cause):
-        return "the server does not offer TLS, which sslmode asks for"
-    if isinstance(cause, ConnectionRefusedError):
-        return "connection refused (is the server running, and is the port right?)"
-    if isinstance(cause, socket.gaierror):
-        return "unknown host name"
-    if isinstance(cause, TimeoutError):
-        return "no answer in time (unreachable host, or a firewall dropping packets)"
-    if isinstance(cause, OSError):
-        return f"network error ({cause.strerror or type(cause).__name__})"
-    if sqlstate:
-        return f"the server refused the request (SQLSTATE {sqlstate})"
-    return type(cause).__name__
 
 
 def migrate(settings: Settings) -> int:
@@ -169,6 +118,8 @@ def serve(settings: Settings) -> int:
         os.environ["DATABASE_URL"] = embedded.url.render_as_string(hide_password=False)
         if settings.auth_disabled and not settings.api_tokens:
             os.environ["AUTH_DISABLED"] = "true"
+    else:
+        check_database(settings)
     # uvicorn re-raises SIGTERM after its graceful shutdown, which would end the process with
     # status -15; a finished drain is a clean exit, so the re-raised signal lands here instead.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -187,6 +138,33 @@ def serve(settings: Settings) -> int:
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
     return 0
+
+
+def check_database(settings: Settings) -> None:
+    """Before serving: a database that refuses this configuration for good (password, missing
+    database or table, TLS) stops the command with one line. One that is merely not there yet
+    (refused, unreachable, starting) is logged, and the service starts anyway and answers 503
+    until it is: a pod must not crash-loop while a managed database wakes up or fails over."""
+
+    async def probe() -> None:
+        engine = create_engine(settings, autocommit=True)
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(SELECT_NOTHING)
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(probe())
+    except DATABASE_ERRORS as exc:
+        if refused_for_good(exc):
+            raise
+        where = describe_database(embedded_or_configured_url(settings))
+        log.warning(
+            "cannot use %s yet: %s; serving, and answering 503 until it can",
+            where,
+            refusal_reason(exc),
+        )
 
 
 def with_database(settings: Settings) -> tuple[Settings, EmbeddedDatabase | None]:

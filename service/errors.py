@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
+import time
 from http import HTTPStatus
 from typing import Any
 
+import asyncpg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from sqlalchemy.exc import DBAPIError, InterfaceError
@@ -74,6 +78,7 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
 def handle_database_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """Database failures become 503/409/422 with a reason; only the unexpected is a 500."""
     retry = {"Retry-After": RETRY_AFTER_SECONDS}
+    failures: FailureLog = request.app.state.database_failures
     if isinstance(exc, PoolTimeoutError):
         return problem_response(
             503, "the database is busy: no connection became free in time", retry
@@ -81,7 +86,7 @@ def handle_database_error(request: Request[Any, Any, Any], exc: Exception) -> Re
     if isinstance(exc, DatabaseTimeout):
         # The client-side statement timeout: no answer came in time (a silent network, an
         # overloaded server). A write may or may not have been applied; PATCH is safe to resend.
-        log.warning("the database did not answer within the statement timeout")
+        failures.log(logging.WARNING, "the database did not answer within the statement timeout")
         return problem_response(503, "the database did not answer in time; retry shortly", retry)
     sqlstate = _sqlstate(exc)
     if (
@@ -89,10 +94,10 @@ def handle_database_error(request: Request[Any, Any, Any], exc: Exception) -> Re
         or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
         or (sqlstate is not None and sqlstate.startswith(UNAVAILABLE_SQLSTATES))
     ):
-        log.warning("database unavailable: %s", _summary(exc))
+        failures.log(logging.WARNING, "database unavailable", exc)
         return problem_response(503, "the database is unavailable; retry shortly", retry)
     if sqlstate is not None and sqlstate.startswith(MISCONFIGURED_SQLSTATES):
-        log.error("the database refuses the service's configuration: %s", _summary(exc))
+        failures.log(logging.ERROR, "the database refuses the service's configuration", exc)
         return problem_response(503, "the database is unavailable; retry shortly", retry)
     if sqlstate == STATEMENT_TIMEOUT_SQLSTATE:
         return problem_response(
@@ -129,6 +134,111 @@ def _validation_problem(exc: ValidationException) -> Response[Any]:
     return problem_response(400, detail, errors=errors or None)
 
 
+# SQLSTATEs a refused connection or a missing object answers with, in words.
+REFUSAL_SQLSTATES = {
+    "28P01": "password authentication failed",
+    "28000": "the server refused this user or host (pg_hba.conf)",
+    "3D000": "the database does not exist",
+    "42P01": "the table does not exist (run `python -m service migrate`)",
+    "53300": "the server has no free connection slots",
+    "57P01": "the server ended the session (shutdown, restart or failover)",
+    "57P03": "the server is starting up or shutting down",
+}
+
+
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+TLS_HOST_MISMATCH_CODES = (62, 64)
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """The database refuses this configuration (password, user, database, table, TLS), as
+    opposed to not being there right now: waiting will not help, an operator must act."""
+    cause = _driver_cause(exc)
+    sqlstate = str(getattr(cause, "sqlstate", None) or "")
+    return (
+        sqlstate.startswith("28")
+        or sqlstate in ("3D000", "42P01")
+        or isinstance(cause, ssl.SSLError)
+        or (isinstance(cause, ConnectionError) and "rejected SSL upgrade" in str(cause))
+    )
+
+
+def _driver_cause(exc: BaseException) -> BaseException:
+    """The driver's own error inside SQLAlchemy's or service.db's wrapper."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        return exc.orig.__cause__ or exc.orig
+    if isinstance(exc, DatabaseUnavailable) and exc.__cause__ is not None:
+        return exc.__cause__  # the driver's own OSError, named by service.db
+    return exc
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """Why the database could not be used, in one line, without the driver's full message.
+
+    Driver messages can quote connection parameters; this names the cause only.
+    """
+    cause = _driver_cause(exc)
+    sqlstate = getattr(cause, "sqlstate", None)
+    # pg_hba.conf had only `hostssl` lines for us; the server's words are English unless its
+    # lc_messages says otherwise, and then the general 28000 reason below still holds.
+    if sqlstate == "28000" and "no encryption" in str(cause):
+        return "the server accepts only TLS connections (set sslmode=require or stricter)"
+    if sqlstate in REFUSAL_SQLSTATES:
+        return REFUSAL_SQLSTATES[sqlstate]
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        detail = cause.verify_message.rstrip(".")
+        if cause.verify_code in TLS_HOST_MISMATCH_CODES:
+            return f"the TLS certificate is not valid for this host name ({detail})"
+        return f"TLS certificate not accepted ({detail})"
+    if isinstance(cause, asyncpg.ConnectionDoesNotExistError):
+        return "the connection was lost mid-statement (the server ended the session or restarted)"
+    if isinstance(cause, ssl.SSLError):
+        return "TLS handshake failed"
+    if isinstance(cause, ConnectionError) and "rejected SSL upgrade" in str(cause):
+        return "the server does not offer TLS, which sslmode asks for"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused (is the server running, and is the port right?)"
+    if isinstance(cause, socket.gaierror):
+        return "unknown host name"
+    if isinstance(cause, TimeoutError):
+        return "no answer in time (unreachable host, or a firewall dropping packets)"
+    if isinstance(cause, OSError):
+        return f"network error ({cause.strerror or type(cause).__name__})"
+    if sqlstate:
+        return f"the server refused the request (SQLSTATE {sqlstate})"
+    return type(cause).__name__
+
+
+class FailureLog:
+    """One log line per distinct database failure, not one per request.
+
+    During an outage every request fails the same way; the log says so when the failure is
+    first seen, then at most once every `every_seconds` while it lasts, with how many requests
+    it failed in between.
+    """
+
+    MAX_DISTINCT = 64  # failure lines remembered; beyond that the memory starts afresh
+
+    def __init__(self, where: str, every_seconds: float = 60.0) -> None:
+        self.where = where  # host, port and database, as the commands' refusals name them
+        self.every_seconds = every_seconds
+        self._seen: dict[tuple[int, str], tuple[float, int]] = {}
+
+    def log(self, level: int, what: str, exc: BaseException | None = None) -> None:
+        line = f"{what} ({self.where})" + (f": {refusal_reason(exc)}" if exc else "")
+        key = (level, line)
+        now = time.monotonic()
+        logged_at, repeats = self._seen.get(key, (None, 0))
+        if logged_at is not None and now - logged_at < self.every_seconds:
+            self._seen[key] = (logged_at, repeats + 1)
+            return
+        if len(self._seen) >= self.MAX_DISTINCT:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        since = f" [{repeats} more requests failed so since the last such line]" if repeats else ""
+        log.log(level, "%s%s", line, since)
+
+
 def _sqlstate(exc: BaseException) -> str | None:
     if isinstance(exc, DBAPIError):
         orig = exc.orig
@@ -137,13 +247,6 @@ def _sqlstate(exc: BaseException) -> str | None:
             code = getattr(orig.__cause__, "sqlstate", None)
         return str(code) if code else None
     return None
-
-
-def _summary(exc: BaseException) -> str:
-    """The error class and SQLSTATE only: driver messages can quote connection parameters."""
-    if isinstance(exc, DatabaseUnavailable):
-        return str(exc)  # our own words, which name the driver's error class only
-    return f"{type(exc).__name__} sqlstate={_sqlstate(exc)}"
 
 
 def _default_detail(status: int) -> str:

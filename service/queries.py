@@ -55,3 +55,6 @@ DELETE_ITEM = text("DELETE FROM playing_with_neon WHERE id = :id RETURNING id").
 )
 
 SELECT_ONE = text("SELECT 1")
+
+# Proves the table is there (migrations applied) without reading a row.
+SELECT_NOTHING = text("SELECT 1 FROM playing_with_neon LIMIT 0")

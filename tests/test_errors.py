@@ -65,6 +65,7 @@ async def test_a_refused_database_connection_is_a_503_logged_without_a_traceback
     assert response.json()["detail"] == "the database is unavailable; retry shortly"
     warnings = [r.getMessage() for r in caplog.records if r.name == "service.errors"]
     assert warnings == [
-        "database unavailable: cannot connect to the database (ConnectionRefusedError)"
+        f"database unavailable (127.0.0.1:{nobody.port}/nothing): connection refused "
+        "(is the server running, and is the port right?)"
     ]
     assert not any(record.exc_info for record in caplog.records)

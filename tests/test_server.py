@@ -93,20 +93,24 @@ def test_migrate_command_applies_and_is_repeatable(database_url: URL, tmp_path: 
     assert "migrations applied" in result.stderr
 
 
-@pytest.mark.parametrize("command", [("migrate",), ("seed", "--rows", "5")])
+@pytest.mark.parametrize("command", [("migrate",), ("seed", "--rows", "5"), ()])
 def test_a_database_that_cannot_be_used_is_one_line_not_a_traceback(
     tmp_path: Path, server_url: URL, command: tuple[str, ...]
 ) -> None:
     port = free_port()
     cases = [
-        (
-            make_url(f"postgresql://app:Hunter2Hunter2@127.0.0.1:{port}/items"),
-            f"error: cannot use 127.0.0.1:{port}/items: connection refused",
-        ),
         (server_url.set(database="no_such_database"), "the database does not exist"),
+        (server_url.set(password="Hunter2Hunter2", username="nobody"), "refused this user"),
     ]
+    if command:  # serving waits for a database that is not there yet (see the next test)
+        cases.append(
+            (
+                make_url(f"postgresql://app:Hunter2Hunter2@127.0.0.1:{port}/items"),
+                f"error: cannot use 127.0.0.1:{port}/items: connection refused",
+            )
+        )
     for url, expected in cases:
-        env = service_environment(url, API_TOKENS="")
+        env = service_environment(url, **({"API_TOKENS": ""} if command else {}))
         result = run_cli(env, tmp_path, *command)
         assert result.returncode == 1, result.stderr
         lines = result.stderr.strip().splitlines()
@@ -114,3 +118,26 @@ def test_a_database_that_cannot_be_used_is_one_line_not_a_traceback(
         assert expected in lines[0], lines[0]
         assert "Traceback" not in result.stderr + result.stdout
         assert "Hunter2Hunter2" not in result.stderr + result.stdout
+
+
+def test_serving_a_database_not_there_yet_answers_503_and_logs_one_line_per_failure(
+    tmp_path: Path,
+) -> None:
+    """A managed database may be waking up or failing over when a pod starts: the pod must
+    come up, say why it cannot serve, and not write a line per request."""
+    port = free_port()
+    env = service_environment(
+        make_url(f"postgresql://app:Hunter2Hunter2@127.0.0.1:{port}/items"), DB_POOL_TIMEOUT="1"
+    )
+    with run_service(env, tmp_path) as service, httpx.Client(base_url=service.base_url) as http:
+        answers = [http.get("/items", timeout=10) for _ in range(20)]
+        ready = http.get("/readyz", timeout=10)
+    log = service.log()  # complete once the process has ended
+    assert {a.status_code for a in answers} == {503}
+    assert all(a.headers["retry-after"] == "1" for a in answers)
+    assert ready.status_code == 503
+    start_line = f"cannot use 127.0.0.1:{port}/items yet: connection refused"
+    assert log.count(start_line) == 1, log
+    failure_line = f"database unavailable (127.0.0.1:{port}/items): connection refused"
+    assert log.count(failure_line) == 1, log  # 20 failed requests, one line
+    assert "Traceback" not in log and "Hunter2Hunter2" not in log
