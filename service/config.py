@@ -1,39 +1,31 @@
 """Settings: read once from the environment and a `.env` file, validated, immutable.
 
 Precedence: a real environment variable wins over the same key in `.env`; keys are matched
-case-insensitively (the seed's `db_host` and `DB_HOST` are the same key); an empty value counts
-as unset. A bad value raises `SettingsError`, whose message names the key and never the password.
+case-insensitively (the notebook's `db_host` and `DB_HOST` are the same key); an empty value counts
+as unset. Each setting's type, bounds and default are written once, in `Settings`, and checked by
+`msgspec.convert`; a bad value raises `SettingsError`, one line naming the key, never the password.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_type_hints
 
+import msgspec
 from dotenv import dotenv_values
+from msgspec import Meta
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-CHANNEL_BINDINGS = ("disable", "prefer", "require")
-LOG_FORMATS = ("json", "console")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-ACCESS_LOG_MODES = ("all", "errors", "off")
-POSTGRES_DRIVERNAMES = (
-    "postgres",
-    "postgresql",
-    "postgresql+asyncpg",
-    "postgresql+psycopg",
-    "postgresql+psycopg2",
-    "postgresql+pg8000",
-)
-# Query keys libpq users paste that we translate ourselves, and the ones asyncpg takes as they are.
-TRANSLATED_QUERY_KEYS = ("sslmode", "sslrootcert", "channel_binding", "application_name")
-PASSTHROUGH_QUERY_KEYS = ("host", "port")
-Getter = Callable[[str], "str | None"]
-SEED_KEYS = ("DB_USERNAME", "DB_PASSWORD", "DB_HOST", "DB_NAME", "DB_PORT", "DB_SSLMODE")
+T = TypeVar("T")
+SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+ChannelBinding = Literal["disable", "prefer", "require"]
+Seconds = Annotated[float, Meta(le=86_400)]  # a bound that also rules out "inf"
+# libpq's words for a boolean, beyond msgspec's true/false/1/0.
+BOOLEAN_WORDS = {"yes": "true", "on": "true", "no": "false", "off": "false"}
 
 
 class SettingsError(ValueError):
@@ -46,58 +38,55 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Everything the service reads from its environment."""
+    """What the service reads from its environment: the key is the field's name in capitals."""
 
-    # Where PostgreSQL is; None means "start the embedded development database".
+    # Where PostgreSQL is (None: the embedded one); with the next four, from DATABASE_URL or db_*.
     database_url: URL | None = None
     # libpq's sslmode, translated for asyncpg when the engine is built (None: asyncpg's default).
-    db_sslmode: str | None = None
+    db_sslmode: SslMode | None = None
     # CA bundle for verify-ca / verify-full; "system" means the operating system's store.
     db_sslrootcert: str | None = None
     # Neon adds channel_binding=require; asyncpg cannot bind channels, so it is reported, not used.
-    db_channel_binding: str | None = None
+    db_channel_binding: ChannelBinding | None = None
     # Sent to the server so the connection shows up by name in pg_stat_activity.
     db_application_name: str = "playing-with-neon-service"
     # Connections kept open per process.
-    db_pool_size: int = 10
-    # Extra connections allowed above db_pool_size under bursts. 0 by default: the pool closes
-    # overflow connections as soon as its idle slots are full, which under steady load means a
-    # connect and a disconnect every few requests (seen in the profile); a bigger pool is cheaper.
-    db_max_overflow: int = 0
+    db_pool_size: Annotated[int, Meta(ge=1)] = 10
+    # Extra connections under bursts, each closed after its request: raise db_pool_size instead.
+    db_max_overflow: Annotated[int, Meta(ge=0)] = 0
     # Seconds a request waits for a free connection (and for a new one to connect) before a 503.
-    db_pool_timeout: float = 5.0
+    db_pool_timeout: Annotated[Seconds, Meta(ge=0.1)] = 5.0
     # Seconds after which a pooled connection is replaced (managed poolers close idle ones).
-    db_pool_recycle: int = 1800
-    # Seconds a pooled connection may sit unused before it is replaced rather than used: below
-    # the idle limit of the server or pooler (Neon drops idle connections after 5 minutes).
-    db_pool_idle_timeout: float = 240.0
+    db_pool_recycle: Annotated[int, Meta(ge=1)] = 1800
+    # Seconds unused after which a pooled connection is replaced: below Neon's 5-minute idle drop.
+    db_pool_idle_timeout: Annotated[Seconds, Meta(ge=1.0)] = 240.0
     # Server-side limit for one statement in milliseconds; 0 disables it.
-    db_statement_timeout_ms: int = 5000
+    db_statement_timeout_ms: Annotated[int, Meta(ge=0)] = 5000
     # True behind a transaction-mode pooler (PgBouncer, Neon's -pooler hosts): no statement reuse.
     db_pgbouncer: bool = False
-    # Bearer tokens accepted for writes.
-    api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # Bearer tokens accepted for writes (comma-separated in API_TOKENS).
+    api_tokens: tuple[Annotated[str, Meta(min_length=16)], ...] = field(default=(), repr=False)
     # Writes open to anyone; must be asked for explicitly.
     auth_disabled: bool = False
     # Most rows one POST or PATCH may carry.
-    max_batch: int = 1000
+    max_batch: Annotated[int, Meta(ge=1, le=100_000)] = 1000
     # Largest request body accepted, in bytes; larger ones get 413.
-    max_body_bytes: int = 1024 * 1024
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
     # Address and port uvicorn binds to.
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: Annotated[int, Meta(ge=1, le=65535)] = 8000
     # Seconds between SIGTERM and the start of the drain, while /readyz already answers 503.
-    shutdown_delay_seconds: float = 2.0
+    shutdown_delay_seconds: Annotated[Seconds, Meta(ge=0.0)] = 2.0
     # uvicorn worker processes.
-    workers: int = 1
-    log_level: str = "INFO"
+    workers: Annotated[int, Meta(ge=1, le=64)] = 1
+    # Accepted in any case.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # "json": one JSON object per line, for log collectors; "console": plain text for people.
-    log_format: str = "json"
+    log_format: Literal["json", "console"] = "json"
     # One access line per request ("all"), only for answers >= 400 ("errors"), or none ("off").
-    access_log: str = "all"
-    # Requests to /items in progress at once per process; the excess is answered 503 at once.
-    # 0 means 8 per pooled connection (DB_POOL_SIZE + DB_MAX_OVERFLOW).
-    max_in_flight: int = 0
+    access_log: Literal["all", "errors", "off"] = "all"
+    # Requests to /items in progress at once per process, the excess answered 503; 0: see below.
+    max_in_flight: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
     # Data folder of the embedded development database.
     embedded_db_dir: Path = Path(".data/postgres")
 
@@ -112,61 +101,52 @@ class Settings:
         return self.database_url is None
 
 
-def read_environment(
-    environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
-) -> dict[str, str]:
-    """Merge `.env` (underneath) with `environ` (default: os.environ); keys upper-cased."""
-    merged: dict[str, str] = {}
-    sources: list[Mapping[str, str | None]] = []
-    if env_file is not None and Path(env_file).is_file():
-        sources.append(dotenv_values(env_file))
-    sources.append(os.environ if environ is None else environ)
-    for source in sources:
-        for key, value in source.items():
-            merged[key.upper()] = value if value is not None else ""
-    return merged
+@dataclass(frozen=True, kw_only=True)
+class NotebookKeys:
+    """The notebook's keys for the database, instead of DATABASE_URL: the key is the name."""
+
+    db_host: str | None = None
+    db_username: str | None = None
+    db_password: str | None = field(default=None, repr=False)  # as-is, not percent-encoded
+    db_name: str | None = None
+    db_port: Annotated[int, Meta(ge=1, le=65535)] = 5432
+    db_sslmode: SslMode | None = None
+
+
+class UrlQuery(msgspec.Struct):
+    """DATABASE_URL's libpq query keys, which asyncpg rejects: each becomes Settings' db_<key>."""
+
+    sslmode: SslMode | None = None
+    sslrootcert: str | None = None
+    channel_binding: ChannelBinding | None = None
+    application_name: str | None = None
+
+
+# Query keys asyncpg takes as they are, so they stay in the URL.
+PASSTHROUGH_QUERY_KEYS = ("host", "port")
+URL_FIELDS = {"database_url", *(f"db_{key}" for key in UrlQuery.__struct_fields__)}
+ENVIRONMENT_FIELDS = {f.name for f in fields(Settings)} - URL_FIELDS
+NOTEBOOK_KEYS = {f.name for f in fields(NotebookKeys)}
 
 
 def load_settings(
     environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
 ) -> Settings:
     """Build validated settings from `environ` (default: the process environment) over `.env`."""
-    env = read_environment(environ, env_file)
-
-    def get(key: str) -> str | None:
-        value = env.get(key, "").strip()
-        return value or None
-
-    database = _database_settings(get)
-    api_tokens = tuple(t.strip() for t in (get("API_TOKENS") or "").split(",") if t.strip())
-    for token in api_tokens:
-        if len(token) < 16:
-            raise SettingsError("API_TOKENS", "every token must be at least 16 characters long")
-    auth_disabled = _bool(get, "AUTH_DISABLED", False)
-    settings = Settings(
-        **database,  # type: ignore[arg-type]
-        db_pool_size=_int(get, "DB_POOL_SIZE", 10, minimum=1),
-        db_max_overflow=_int(get, "DB_MAX_OVERFLOW", 0, minimum=0),
-        db_pool_timeout=_float(get, "DB_POOL_TIMEOUT", 5.0, minimum=0.1),
-        db_pool_recycle=_int(get, "DB_POOL_RECYCLE", 1800, minimum=1),
-        db_pool_idle_timeout=_float(get, "DB_POOL_IDLE_TIMEOUT", 240.0, minimum=1.0),
-        db_statement_timeout_ms=_int(get, "DB_STATEMENT_TIMEOUT_MS", 5000, minimum=0),
-        db_pgbouncer=_bool(get, "DB_PGBOUNCER", False),
-        api_tokens=api_tokens,
-        auth_disabled=auth_disabled,
-        max_batch=_int(get, "MAX_BATCH", 1000, minimum=1, maximum=100_000),
-        max_body_bytes=_int(get, "MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
-        host=get("HOST") or "127.0.0.1",
-        port=_int(get, "PORT", 8000, minimum=1, maximum=65535),
-        shutdown_delay_seconds=_float(get, "SHUTDOWN_DELAY_SECONDS", 2.0, minimum=0.0),
-        workers=_int(get, "WORKERS", 1, minimum=1, maximum=64),
-        log_level=_choice(get, "LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
-        log_format=_choice(get, "LOG_FORMAT", "json", LOG_FORMATS, upper=False),
-        access_log=_choice(get, "ACCESS_LOG", "all", ACCESS_LOG_MODES, upper=False),
-        max_in_flight=_int(get, "MAX_IN_FLIGHT", 0, minimum=0, maximum=1_000_000),
-        embedded_db_dir=Path(get("EMBEDDED_DB_DIR") or ".data/postgres"),
-    )
-    return settings
+    sources: list[Mapping[str, str | None]] = [os.environ if environ is None else environ]
+    if env_file is not None and Path(env_file).is_file():
+        sources.insert(0, dotenv_values(env_file))
+    merged = {key.lower(): (value or "").strip() for src in sources for key, value in src.items()}
+    env = {key: value for key, value in merged.items() if value}
+    values: dict[str, Any] = {k: v for k, v in env.items() if k in ENVIRONMENT_FIELDS}
+    values["api_tokens"] = [t.strip() for t in values.get("api_tokens", "").split(",") if t.strip()]
+    if "log_level" in values:
+        values["log_level"] = values["log_level"].upper()
+    for name in ("auth_disabled", "db_pgbouncer"):
+        if name in values:
+            values[name] = BOOLEAN_WORDS.get(values[name].lower(), values[name])
+    values.update(_database_fields(env))
+    return _convert(values, Settings, str.upper)
 
 
 def check_writes_are_protected(settings: Settings) -> None:
@@ -174,8 +154,7 @@ def check_writes_are_protected(settings: Settings) -> None:
 
     Only serving needs this: `migrate` and `seed` accept no requests.
     """
-    open_writes = not settings.api_tokens and not settings.auth_disabled
-    if open_writes and not settings.uses_embedded_database:
+    if not settings.api_tokens and not settings.auth_disabled and settings.database_url is not None:
         raise SettingsError(
             "API_TOKENS",
             "is empty, so writes would be open to anyone; set API_TOKENS "
@@ -192,39 +171,26 @@ def normalise_database_url(raw: str) -> dict[str, object]:
     try:
         url = make_url(raw)
     except ArgumentError:
+        url = None
+    if url is None or url.get_backend_name() not in ("postgres", "postgresql"):
+        problem = f"not {url.drivername}://" if url else "not a URL"
         raise SettingsError(
-            "DATABASE_URL", "is not a URL of the form postgresql://user:password@host/dbname"
-        ) from None
-    if url.drivername not in POSTGRES_DRIVERNAMES:
-        raise SettingsError(
-            "DATABASE_URL", f"must be a PostgreSQL URL (postgresql://…), not {url.drivername}://"
+            "DATABASE_URL", f"must be postgresql://user:password@host/db, {problem}"
         )
     if not url.database:
         raise SettingsError("DATABASE_URL", "names no database (…/dbname)")
-    query = dict(url.query)
-    unknown = sorted(set(query) - set(TRANSLATED_QUERY_KEYS) - set(PASSTHROUGH_QUERY_KEYS))
-    if unknown:
-        accepted = ", ".join(TRANSLATED_QUERY_KEYS + PASSTHROUGH_QUERY_KEYS)
-        raise SettingsError(
-            "DATABASE_URL", f"unsupported query parameter {unknown[0]!r} (accepted: {accepted})"
-        )
-    fields: dict[str, object] = {}
-    sslmode = _single(query.get("sslmode"))
-    if sslmode is not None:
-        fields["db_sslmode"] = _check_choice("DATABASE_URL sslmode", sslmode, SSL_MODES)
-    sslrootcert = _single(query.get("sslrootcert"))
-    if sslrootcert is not None:
-        fields["db_sslrootcert"] = sslrootcert
-    binding = _single(query.get("channel_binding"))
-    if binding is not None:
-        choice = _check_choice("DATABASE_URL channel_binding", binding, CHANNEL_BINDINGS)
-        fields["db_channel_binding"] = choice
-    name = _single(query.get("application_name"))
-    if name is not None:
-        fields["db_application_name"] = name
-    kept = {k: v for k, v in query.items() if k in PASSTHROUGH_QUERY_KEYS}
-    fields["database_url"] = url.set(drivername="postgresql+asyncpg", query=kept)
-    return fields
+    accepted = (*UrlQuery.__struct_fields__, *PASSTHROUGH_QUERY_KEYS)
+    if unknown := sorted(set(url.query) - set(accepted)):
+        problem = f"unsupported query parameter {unknown[0]!r} (accepted: {', '.join(accepted)})"
+        raise SettingsError("DATABASE_URL", problem)
+    kept = {key: value for key, value in url.query.items() if key in PASSTHROUGH_QUERY_KEYS}
+    # A repeated key counts once, with its last value, as in libpq.
+    lifted = {
+        k: v[-1] if isinstance(v, tuple) else v for k, v in url.query.items() if k not in kept
+    }
+    query = _convert(lifted, UrlQuery, lambda name: f"DATABASE_URL {name}")
+    fields = {f"db_{k}": v for k, v in msgspec.structs.asdict(query).items() if v is not None}
+    return {"database_url": url.set(drivername="postgresql+asyncpg", query=kept), **fields}
 
 
 def describe_database(url: URL) -> str:
@@ -234,91 +200,50 @@ def describe_database(url: URL) -> str:
     return f"{host}{port}/{url.database}"
 
 
-def _database_settings(get: Getter) -> dict[str, object]:
-    raw_url = get("DATABASE_URL")
-    seed_host = get("DB_HOST")
-    if raw_url and seed_host:
-        raise SettingsError(
-            "DATABASE_URL", "set either DATABASE_URL or db_host/db_name/…, not both"
-        )
-    if raw_url:
-        return normalise_database_url(raw_url)
-    if seed_host is None:
-        stray = [k.lower() for k in SEED_KEYS if get(k) is not None]
-        if stray:
-            raise SettingsError("db_host", f"is required when {stray[0]} is set")
+def _database_fields(env: Mapping[str, str]) -> dict[str, object]:
+    """The database's Settings fields, from DATABASE_URL or the notebook's keys (not both)."""
+    given = sorted(key for key in env if key in NOTEBOOK_KEYS)
+    if "database_url" in env:
+        if given:
+            raise SettingsError("DATABASE_URL", f"set either DATABASE_URL or {given[0]}…, not both")
+        return normalise_database_url(env["database_url"])
+    if not given:
         return {}
-    for key in ("DB_USERNAME", "DB_NAME"):
-        if get(key) is None:
-            raise SettingsError(key.lower(), "is required when db_host is set")
+    if missing := [key for key in ("db_host", "db_username", "db_name") if key not in given]:
+        raise SettingsError(missing[0], f"is required when {given[0]} is set")
+    keys = _convert({key: env[key] for key in given}, NotebookKeys, str)
     url = URL.create(
         "postgresql+asyncpg",
-        username=get("DB_USERNAME"),
-        password=get("DB_PASSWORD"),
-        host=seed_host,
-        port=_int(get, "DB_PORT", 5432, minimum=1, maximum=65535),
-        database=get("DB_NAME"),
+        username=keys.db_username,
+        password=keys.db_password,
+        host=keys.db_host,
+        port=keys.db_port,
+        database=keys.db_name,
     )
-    fields: dict[str, object] = {"database_url": url}
-    sslmode = get("DB_SSLMODE")
-    if sslmode is not None:
-        fields["db_sslmode"] = _check_choice("db_sslmode", sslmode, SSL_MODES)
-    return fields
+    return {"database_url": url, "db_sslmode": keys.db_sslmode}
 
 
-def _single(value: str | tuple[str, ...] | None) -> str | None:
-    if isinstance(value, tuple):
-        return value[-1] if value else None
-    return value
-
-
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise SettingsError(key, f"must be one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
-def _choice(get: Getter, key: str, default: str, choices: tuple[str, ...], upper: bool) -> str:
-    value = get(key)
-    if value is None:
-        return default
-    return _check_choice(key, value.upper() if upper else value, choices)
-
-
-def _int(get: Getter, key: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
-    value = get(key)
-    if value is None:
-        return default
+def _convert(values: Mapping[str, Any], type_: type[T], key_of: Callable[[str], str]) -> T:
+    """`msgspec.convert` from strings, its error turned into one line naming the key."""
     try:
-        number = int(value)
-    except ValueError:
-        raise SettingsError(key, f"must be a whole number; got {value!r}") from None
-    if number < minimum or (maximum is not None and number > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-        raise SettingsError(key, f"must be {bound}; got {number}")
-    return number
+        # dec_hook builds the one type msgspec does not know, Path, from its string.
+        return msgspec.convert(values, type_, strict=False, dec_hook=lambda cls, v: cls(v))
+    except msgspec.ValidationError as error:
+        # "Expected `int` >= 1 - at `$.db_pool_size`", "… - at `$.api_tokens[1]`"
+        problem, _, where = str(error).partition(" - at `$.")
+        name, _, index = where.rstrip("`]").partition("[")
+        if problem.startswith("Invalid enum value"):
+            problem = "must be one of " + ", ".join(_choices(type_, name))
+        problem = problem[0].lower() + problem[1:].partition(", got `")[0]
+        value = values.get(name)
+        if isinstance(value, str):
+            problem += f"; got {value!r}"
+        elif index:  # a token, which is never shown
+            problem += f" (entry {int(index) + 1})"
+        raise SettingsError(key_of(name), problem) from None
 
 
-def _float(get: Getter, key: str, default: float, *, minimum: float) -> float:
-    value = get(key)
-    if value is None:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        raise SettingsError(key, f"must be a number of seconds; got {value!r}") from None
-    if not number >= minimum or number == float("inf"):
-        raise SettingsError(key, f"must be a finite number >= {minimum}; got {value!r}")
-    return number
-
-
-def _bool(get: Getter, key: str, default: bool) -> bool:
-    value = get(key)
-    if value is None:
-        return default
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(key, f"must be true or false; got {value!r}")
+def _choices(type_: type, name: str) -> list[str]:
+    """The strings a Literal field, or an optional one, accepts."""
+    hint = get_type_hints(type_)[name]
+    return [c for arg in get_args(hint) for c in get_args(arg) or (arg,) if isinstance(c, str)]

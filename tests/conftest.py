@@ -23,7 +23,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.app import create_app
 from service.config import Settings, normalise_database_url
@@ -33,6 +33,7 @@ from service.seed import INSERT_WITH_ID, NOTEBOOK_ROWS, SYNC_ID_SEQUENCE
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789abcdef"
+LOCK_ROW = text("SELECT id FROM playing_with_neon WHERE id = :id FOR UPDATE")
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -150,6 +151,18 @@ async def concurrent_client(settings: Settings) -> AsyncIterator[httpx.AsyncClie
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
             yield http
+
+
+@contextlib.asynccontextmanager
+async def row_locked(engine: AsyncEngine, row_id: int) -> AsyncIterator[AsyncConnection]:
+    """Row `row_id` locked by an outside transaction until the block ends; yields its connection."""
+    async with engine.connect() as connection:
+        transaction = await connection.begin()
+        await connection.execute(LOCK_ROW, {"id": row_id})
+        try:
+            yield connection
+        finally:
+            await transaction.rollback()
 
 
 async def table_snapshot(engine: AsyncEngine) -> list[tuple[Any, ...]]:

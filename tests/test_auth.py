@@ -44,21 +44,35 @@ async def test_reads_need_no_token(client: Client) -> None:
     assert (await client.get("/items/5")).status_code == 200
 
 
-async def test_any_configured_token_is_accepted(settings: Settings, notebook_rows: None) -> None:
+async def value_of(engine: AsyncEngine, item_id: int) -> float:
+    """The row's value as committed, read through the tests' own connection."""
+    return {row[0]: row[2] for row in await table_snapshot(engine)}[item_id]
+
+
+async def test_any_configured_token_is_accepted(
+    settings: Settings, engine: AsyncEngine, notebook_rows: None
+) -> None:
     second = "second-token-abcdefghijklmnop"
     app = create_app(dataclasses.replace(settings, api_tokens=(TOKEN, second)))
     async with AsyncTestClient(app=app) as client:
-        for token in (TOKEN, second):
+        # A different value per token: each write must land, not merely be answered 200.
+        for token, value in ((TOKEN, 2.0), (second, 3.0)):
             headers = {"Authorization": f"Bearer {token}"}
-            response = await client.patch("/items", json=[{"id": 5, "value": 2}], headers=headers)
-            assert response.status_code == 200
+            response = await client.patch(
+                "/items", json=[{"id": 5, "value": value}], headers=headers
+            )
+            assert (response.status_code, response.json()) == (200, {"updated": 1})
+            assert await value_of(engine, 5) == value
 
 
-async def test_auth_disabled_opens_writes(settings: Settings, notebook_rows: None) -> None:
+async def test_auth_disabled_opens_writes(
+    settings: Settings, engine: AsyncEngine, notebook_rows: None
+) -> None:
     app = create_app(dataclasses.replace(settings, api_tokens=(), auth_disabled=True))
     async with AsyncTestClient(app=app) as client:
-        response = await client.patch("/items", json=[{"id": 5, "value": 3}])
-        assert response.status_code == 200
+        response = await client.patch("/items", json=[{"id": 5, "value": 4.0}])
+        assert (response.status_code, response.json()) == (200, {"updated": 1})
+    assert await value_of(engine, 5) == 4.0
 
 
 async def test_token_is_checked_before_the_body(client: Client) -> None:

@@ -92,7 +92,7 @@ def test_sslrootcert_is_read_from_the_url(tmp_path: Path) -> None:
         engine_options(settings)  # the CA file is really opened, not ignored
 
 
-def test_seed_style_keys_build_the_url_with_special_characters_in_the_password() -> None:
+def test_notebook_keys_build_the_url_with_special_characters_in_the_password() -> None:
     password = "p@ss:w/rd?#%"
     settings = load_settings(
         environ={
@@ -116,7 +116,7 @@ def test_seed_style_keys_build_the_url_with_special_characters_in_the_password()
     assert make_url(url.render_as_string(hide_password=False)).password == password
 
 
-def test_seed_keys_accept_upper_case() -> None:
+def test_notebook_keys_accept_upper_case() -> None:
     settings = settings_from(
         {"DB_USERNAME": "u", "DB_PASSWORD": "x", "DB_HOST": "h", "DB_NAME": "d", "DB_PORT": "6432"}
     )
@@ -171,6 +171,11 @@ def test_password_never_in_repr_or_str() -> None:
         ({"db_host": "h", "db_name": "d"}, "db_username"),
         ({"db_username": "u"}, "db_host"),
         ({"db_host": "h", "db_username": "u", "db_name": "d", "db_sslmode": "x"}, "db_sslmode"),
+        ({"db_host": "h", "db_username": "u", "db_name": "d", "db_port": "0"}, "db_port"),
+        (
+            {"DATABASE_URL": "postgresql://u:p@h/db?channel_binding=x"},
+            "DATABASE_URL channel_binding",
+        ),
     ],
 )
 def test_bad_setting_names_its_key(env: dict[str, str], key: str) -> None:

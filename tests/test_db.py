@@ -80,7 +80,8 @@ async def test_a_full_pool_times_out_with_pool_timeout(autocommit_engine: AsyncE
         with pytest.raises(PoolTimeout):
             async with pool.lease():
                 pass
-        assert 0.25 < time.monotonic() - started < 1.0
+        # It waited the pool timeout, and was not held far past it (a loose bound: two busy cores).
+        assert 0.25 < time.monotonic() - started < 0.3 + 2.0
     async with pool.lease() as session:  # the timed-out waiter took nothing with it
         await session.execute(text("SELECT 1"))
     assert pool.checked_out == 0

@@ -1,8 +1,8 @@
 """Fault 1: the database stops in the middle of a steady load and starts again.
 
 While it is down every request that needs it gets 503 problem+json with Retry-After within the
-pool timeout (no 500, no hang), /readyz is 503 and /healthz 200; once it is back, requests succeed
-again within 2 s, with the same service process.
+pool timeout (no 500, no hang), /readyz is 503 and /healthz 200; once it is back, the very first
+requests succeed, with the same service process.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ POOL_TIMEOUT = 2.0
 # What a 503 may take beyond the pool timeout: the connect attempt, scheduling, the test's own
 # clients on two cores.
 MARGIN = 1.0
-RECOVERY_LIMIT = 2.0
 UP_BEFORE, DOWN_FOR, UP_AFTER = 1.5, 4.0, 4.0
 
 
@@ -124,23 +123,12 @@ async def test_outage_is_503_then_recovers_without_restart(
         p for p in probes if p.started >= stopped_at and p.started + p.elapsed < starting_at
     ]
     assert {p.status for p in probes_down if p.label == "readyz"} == {503}
-    # Recovery: everything that started 2 s after the database was back succeeded.
-    after = sorted((o for o in outcomes if o.started >= up_at), key=lambda o: o.started)
-    assert after and all(ok(o) for o in after if o.started >= up_at + RECOVERY_LIMIT)
-    failed_after = [o for o in after if not ok(o)]
-    recovered_at = min(
-        (
-            o.started + o.elapsed
-            for o in after
-            if ok(o) and o.started >= max((f.started for f in failed_after), default=up_at)
-        ),
-        default=up_at,
-    )
-    recovery = max(0.0, recovered_at - up_at)
-    assert recovery <= RECOVERY_LIMIT, recovery
-    ready_again = [p for p in probes if p.label == "readyz" and p.started >= up_at and ok(p)]
-    assert ready_again and ready_again[0].started + ready_again[0].elapsed - up_at <= RECOVERY_LIMIT
-
+    # Recovery: every request and probe that started once the database was back succeeded,
+    # the first ones included (the README promises it: no stale pooled connection is used).
+    after = [o for o in outcomes + probes if o.started >= up_at]
+    assert after and [(o.label, o.status, o.body) for o in after if not ok(o)] == []
+    first_after = min(o.started + o.elapsed for o in after if o.label == "db")
+    recovery = first_after - up_at
     slowest_503 = max(o.elapsed for o in during)
     record(
         "Fault 1",

@@ -68,10 +68,12 @@ async def test_statement_timeout_answers_503_promptly_and_changes_nothing(
             }
             recovered = await send(client, "PATCH", "PATCH", "/items", json=batch, headers=AUTH)
     for outcome in outcomes:
-        assert outcome.status in (503, 409), outcome.body
+        # The server cancelled the statement (not the client giving up): nothing was changed.
+        assert outcome.status == 503, outcome.body
+        assert "nothing was changed" in outcome.body, outcome.body
         assert outcome.problem_json and outcome.retry_after
-        assert outcome.elapsed < 0.3 + 1.0, outcome.elapsed
-    assert free.status == 200 and free.elapsed < 1.0
+        assert outcome.elapsed < 0.3 + 2.0, outcome.elapsed  # not held until the lock goes
+    assert free.status == 200 and free.elapsed < 2.0  # 200: not cut by the 0.3 s timeout
     assert recovered.status == 200
     values = await fetch_values(fault_database)
     assert values[2] == 222.0 and values[LOCKED_ID] == 777.0
@@ -160,7 +162,8 @@ async def test_burst_past_the_pool_gets_503_after_the_pool_timeout(
     for o in burst:
         assert o.status == 503, (o.status, o.body)
         assert o.problem_json and o.retry_after
-        assert POOL_TIMEOUT - 0.1 <= o.elapsed <= POOL_TIMEOUT + 1.0, o.elapsed
+        # Refused after the pool timeout, well before the lock goes (HOLD after the burst).
+        assert POOL_TIMEOUT - 0.1 <= o.elapsed <= POOL_TIMEOUT + 1.5 < HOLD, o.elapsed
     assert all(o.status == 200 for o in recovered) and ready.status == 200
     record(
         "Fault 4",
