@@ -8,6 +8,7 @@ requests succeed, with the same service process.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from pathlib import Path
@@ -127,6 +128,10 @@ async def test_outage_is_503_then_recovers_without_restart(
     # the first ones included (the README promises it: no stale pooled connection is used).
     after = [o for o in outcomes + probes if o.started >= up_at]
     assert after and [(o.label, o.status, o.body) for o in after if not ok(o)] == []
+    # One log line per distinct failure (each cause once while it lasts), not one per request.
+    failure_lines = [line for line in log.splitlines() if "database unavailable (" in line]
+    distinct = {json.loads(line)["message"] for line in failure_lines}
+    assert len(failure_lines) == len(distinct) <= 6, failure_lines
     first_after = min(o.started + o.elapsed for o in after if o.label == "db")
     recovery = first_after - up_at
     slowest_503 = max(o.elapsed for o in during)
@@ -137,6 +142,7 @@ async def test_outage_is_503_then_recovers_without_restart(
         len(outcomes) + len(probes),
         status_counts(o.status for o in outcomes + probes),
         f"while down: {len(during)} requests, all 503 problem+json with Retry-After, slowest "
-        f"{slowest_503:.2f} s; /readyz 503, /healthz 200 throughout; no 500, same process",
+        f"{slowest_503:.2f} s; /readyz 503, /healthz 200 throughout; no 500, same process; "
+        f"{len(failure_lines)} log lines for {len(during)} failed requests (one per cause)",
         recovery,
     )
