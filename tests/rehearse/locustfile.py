@@ -1,8 +1,8 @@
 """The load of tests/load/locustfile.py as a client that retries, with a ledger of its writes.
 
-Each request is retried once, at once, on a 503 or a dropped connection (status 0: reset,
-refused, timed out); the first try is then reported under "<name> (retried)", so locust's own
-failure count of the other names is what a client would have seen. A POST carries an
+Each request is retried once, at once, on a 503 or a dropped connection (no answer, or HAProxy's
+502 for a backend connection that broke); the first try is then reported under "<name> (retried)",
+so locust's failures under the other names are what a client saw. A POST carries an
 `Idempotency-Key`, the same on its retry, and names its rows `rh-<user>-<sequence>-<row>`; its
 rows are kept. Each user PATCHes only ids of its own, so the last acknowledged value of a row is
 known. Every worker appends what happened to `REHEARSE_LEDGER_DIR/ledger-<pid>.jsonl`, one JSON
@@ -34,8 +34,9 @@ from tests.load import locustfile as load
 LEDGER_DIR = Path(os.environ.get("REHEARSE_LEDGER_DIR", "."))
 ID_SLOTS = int(os.environ.get("REHEARSE_ID_SLOTS") or 100)
 WORKERS = int(os.environ.get("REHEARSE_WORKERS") or 1)
-# Status 0 is FastHttpUser's for a request that got no answer (reset, refused, timed out).
-RETRIED_STATUSES = (0, 503)
+# 0 is FastHttpUser's status for a request that got no answer (reset, refused, timed out); 502
+# is what HAProxy answers where a Service, which balances connections, would drop the connection.
+RETRIED_STATUSES = (0, 502, 503)
 USER_NUMBERS = itertools.count()
 ledger: TextIO | None = None
 

@@ -111,10 +111,10 @@ class Replica:
 class HAProxy:
     """HAProxy in the foreground with a generated config, driven through its admin socket."""
 
-    def __init__(self, folder: Path, port: int, slots: list[Slot]) -> None:
-        self.socket_path = folder / "admin.sock"
+    def __init__(self, port: int, slots: list[Slot], socket_path: Path) -> None:
+        self.socket_path = socket_path
         self.port = port
-        config = folder / "haproxy.cfg"
+        config = WORK / "haproxy.cfg"
         servers = [
             # The surge slots start in maintenance; `enable server` brings one in.
             f"    server {slot.name} 127.0.0.1:{slot.port} check"
@@ -149,7 +149,7 @@ class HAProxy:
                 ]
             )
         )
-        self.log = folder / "haproxy.log"
+        self.log = WORK / "haproxy.log"
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 [HAPROXY, "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT
@@ -181,6 +181,7 @@ class HAProxy:
         }
 
     def requests_served(self) -> int:
+        """Requests the frontend has received so far."""
         text = self.command("show stat").lstrip("# ")
         for row in csv.DictReader(io.StringIO(text)):
             if row["pxname"] == "api" and row["svname"] == "FRONTEND":
@@ -284,10 +285,12 @@ class Rehearsal:
         self.processes: list[subprocess.Popen[Any]] = []
 
     def note(self, text: str) -> None:
+        """Print `text` with the seconds since the start, and keep it for the report."""
         self.events.append((time.time(), text))
         print(f"[{time.time() - self.started:5.1f} s] {text}", flush=True)
 
     def start_replica(self, slot: Slot, database_url: str) -> Replica:
+        """`python -m service` on the slot's port, through PgBouncer, with the rehearsal's pool."""
         env = service_environment(
             self.token,
             slot.port,
@@ -374,6 +377,7 @@ class Rehearsal:
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
+    """The nearest-rank percentile; None for no values."""
     if not values:
         return None
     ordered = sorted(values)
@@ -428,10 +432,11 @@ def check_writes(writes: list[dict[str, Any]], database: str) -> dict[str, Any]:
             elif item_id in allowed:
                 allowed[item_id].append(value)
     rows, values = asyncio.run(read_back(database, set(acked_names + unacked_names), set(allowed)))
+    # The column is `real`: a value sent with 2 decimals comes back within 0.005 of itself.
     lost_patches = [
-        i
-        for i, ok in allowed.items()
-        if not any(abs(values.get(i, math.inf) - v) < 0.005 for v in ok)
+        item_id
+        for item_id, candidates in allowed.items()
+        if not any(abs(values.get(item_id, math.inf) - v) < 0.005 for v in candidates)
     ]
     return {
         "posts_acknowledged": sum(1 for w in writes if "post" in w and w["ack"]),
@@ -449,9 +454,14 @@ def check_writes(writes: list[dict[str, Any]], database: str) -> dict[str, Any]:
 
 
 def latency(requests: list[dict[str, Any]], since: float, until: float) -> dict[str, Any]:
+    """Count, p50 and p99 of the requests that ended in [since, until)."""
     times = [r["ms"] for r in requests if since <= r["end"] < until]
     p50, p99 = percentile(times, 0.50), percentile(times, 0.99)
-    return {"requests": len(times), "p50_ms": p50, "p99_ms": p99}
+    return {
+        "requests": len(times),
+        "p50_ms": None if p50 is None else round(p50, 1),
+        "p99_ms": None if p99 is None else round(p99, 1),
+    }
 
 
 def main_rehearsal(users: int, seconds: int) -> dict[str, Any]:
@@ -462,10 +472,10 @@ def main_rehearsal(users: int, seconds: int) -> dict[str, Any]:
     ledger_dir.mkdir()
     locust = ensure_locust()
     rehearsal = Rehearsal(users, seconds)
-    haproxy_dir = Path(tempfile.mkdtemp(prefix="rehearse-haproxy-"))
+    # A short folder for the admin socket: a unix socket's path must fit in 107 bytes.
+    socket_dir = Path(tempfile.mkdtemp(prefix="rehearse-"))
     postgres = ControlledPostgres.create()
     bouncer: PgBouncer | None = None
-    haproxy: HAProxy | None = None
     stop_sampling = threading.Event()
     try:
         rehearsal.note(f"PostgreSQL on 127.0.0.1:{postgres.port}")
@@ -481,7 +491,7 @@ def main_rehearsal(users: int, seconds: int) -> dict[str, Any]:
         bouncer = PgBouncer.start(postgres, pool_size=PGBOUNCER_POOL)
         pooled = bouncer.url(postgres, DATABASE).render_as_string(hide_password=False)
         slots = [Slot(f"s{n}", free_port()) for n in range(1, 2 * REPLICAS + 1)]
-        haproxy = HAProxy(haproxy_dir, free_port(), slots)
+        haproxy = HAProxy(free_port(), slots, socket_dir / "admin.sock")
         rehearsal.processes.append(haproxy.process)
         host = f"http://127.0.0.1:{haproxy.port}"
         rehearsal.note(f"PgBouncer on :{bouncer.port} (pool {PGBOUNCER_POOL}); HAProxy on {host}")
@@ -546,16 +556,21 @@ def main_rehearsal(users: int, seconds: int) -> dict[str, Any]:
                 **dataclasses.asdict(budget),
             },
             "locust_exit_status": locust_status,
+            "timeline": [[round(at - rehearsal.started, 1), text] for at, text in rehearsal.events],
         }
         return figures
     finally:
         stop_sampling.set()
-        for process in reversed(rehearsal.processes):
+        # SIGTERM to all first, so their drains overlap, then wait for each.
+        for process in rehearsal.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in rehearsal.processes:
             stop_process(process)
         if bouncer is not None:
             bouncer.stop()
         postgres.destroy()
-        shutil.rmtree(haproxy_dir, ignore_errors=True)
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def problems_in(figures: dict[str, Any], allow_duplicates: bool) -> list[str]:
@@ -606,7 +621,7 @@ def markdown(figures: dict[str, Any], problems: list[str]) -> str:
         "| figure | value | goal |",
         "| --- | --- | --- |",
         f"| requests (every try) | {figures['requests']} | |",
-        f"| first tries answered 503 or dropped, retried once | "
+        f"| first tries answered 503 or 502 or not at all, retried once | "
         f"{figures['retried_first_tries']} | |",
         f"| client-visible failures (after the retry) | {figures['client_visible_failures']} | 0 |",
         f"| POSTs acknowledged (rows) | {writes['posts_acknowledged']} "
