@@ -80,6 +80,8 @@ BEFORE_SECONDS = 10
 # finish (up to 20 s), then the pool closes.
 EXIT_SECONDS = 30
 SAMPLE_SECONDS = 1.0
+# Failed health checks after which HAProxy takes a server out.
+CHECK_FALL = 2
 DATABASE = "postgres"
 
 
@@ -115,12 +117,10 @@ class HAProxy:
         self.socket_path = socket_path
         self.port = port
         config = WORK / "haproxy.cfg"
-        servers = [
-            # The surge slots start in maintenance; `enable server` brings one in.
-            f"    server {slot.name} 127.0.0.1:{slot.port} check"
-            + ("" if number < REPLICAS else " disabled")
-            for number, slot in enumerate(slots)
-        ]
+        # Every slot is health-checked from the start, so a process that starts listening in a
+        # spare slot gets traffic once its /readyz answers 200, as a pod joins the Service's
+        # endpoints when it is ready; `disable server` takes a finished slot out.
+        servers = [f"    server {slot.name} 127.0.0.1:{slot.port} check" for slot in slots]
         config.write_text(
             "\n".join(
                 [
@@ -143,7 +143,7 @@ class HAProxy:
                     "    http-check expect status 200",
                     # Down after 2 failed checks 0.5 s apart: well within the 2 s the service
                     # keeps serving after SIGTERM before it drains.
-                    "    default-server inter 500ms fall 2 rise 1",
+                    f"    default-server inter 500ms fall {CHECK_FALL} rise 1",
                     *servers,
                     "",
                 ]
@@ -171,14 +171,22 @@ class HAProxy:
                 chunks.append(chunk)
         return b"".join(chunks).decode()
 
-    def statuses(self) -> dict[str, str]:
-        """Server name → HAProxy's status of it (UP, DOWN, MAINT, "UP 1/2", …)."""
+    def servers(self) -> dict[str, dict[str, str]]:
+        """Server name → its row of `show stat` (status, chkdown, …)."""
         text = self.command("show stat").lstrip("# ")
         return {
-            row["svname"]: row["status"]
+            row["svname"]: row
             for row in csv.DictReader(io.StringIO(text))
             if row["pxname"] == "service" and row["svname"] not in ("FRONTEND", "BACKEND")
         }
+
+    def statuses(self) -> dict[str, str]:
+        """Server name → HAProxy's status of it (UP, DOWN, MAINT, "UP 1/2", …)."""
+        return {name: row["status"] for name, row in self.servers().items()}
+
+    def failed_checks(self) -> dict[str, int]:
+        """Server name → health checks it failed while UP (HAProxy's `chkfail`)."""
+        return {name: int(row["chkfail"] or 0) for name, row in self.servers().items()}
 
     def requests_served(self) -> int:
         """Requests the frontend has received so far."""
@@ -320,7 +328,6 @@ class Rehearsal:
             self.note(f"roll {number}/{REPLICAS}: {slot.name} started (pid {new.process.pid})")
             wait_until_ready(new.process, slot.url, new.log)
             step["new_ready_s"] = round(time.monotonic() - started, 2)
-            haproxy.command(f"enable server service/{slot.name}")
             haproxy.wait_for(slot.name, ("UP",))
             step["new_up_s"] = round(time.monotonic() - started, 2)
             self.note(
@@ -512,6 +519,7 @@ def main_rehearsal(users: int, seconds: int) -> dict[str, Any]:
                 raise RehearsalError("locust sent no request (see its output above)")
             time.sleep(0.1)
         load_started = time.time()
+        failed_checks_before = haproxy.failed_checks()
         rehearsal.note(f"load started: {users} users (+{SPAWN_RATE}/s) for {seconds} s")
         ramp = users / SPAWN_RATE + 1
         time.sleep(ramp + BEFORE_SECONDS)
@@ -522,6 +530,13 @@ def main_rehearsal(users: int, seconds: int) -> dict[str, Any]:
             raise RehearsalError("the load ended before the roll did: raise REHEARSE_DURATION")
         rehearsal.note("roll done; load goes on to its end")
         locust_status = master.wait(timeout=seconds + 60)
+        # A leaving process fails CHECK_FALL checks on purpose; any other failed check is a
+        # process in service whose /readyz said 503.
+        rolled = {step["old"] for step in rehearsal.steps}
+        readiness_failures = sum(
+            max(0, count - failed_checks_before[name] - CHECK_FALL * (name in rolled))
+            for name, count in haproxy.failed_checks().items()
+        )
         for worker in workers:
             stop_process(worker, timeout=15)
         load_ended = time.time()
@@ -539,6 +554,7 @@ def main_rehearsal(users: int, seconds: int) -> dict[str, Any]:
             "requests": len(requests),
             "retried_first_tries": retried,
             "client_visible_failures": failed,
+            "readiness_failures": readiness_failures,
             "latency": {
                 "before_roll": latency(requests, load_started + ramp, roll_started),
                 "during_roll": latency(requests, roll_started, roll_ended),
@@ -624,6 +640,8 @@ def markdown(figures: dict[str, Any], problems: list[str]) -> str:
         f"| first tries answered 503 or 502 or not at all, retried once | "
         f"{figures['retried_first_tries']} | |",
         f"| client-visible failures (after the retry) | {figures['client_visible_failures']} | 0 |",
+        f"| failed readiness checks of processes not leaving | "
+        f"{figures['readiness_failures']} | 0 |",
         f"| POSTs acknowledged (rows) | {writes['posts_acknowledged']} "
         f"({writes['rows_acknowledged']}) | |",
         f"| PATCHes acknowledged | {writes['patches_acknowledged']} | |",
