@@ -666,7 +666,8 @@ def markdown(figures: dict[str, Any], problems: list[str]) -> str:
         f"| client connections at PgBouncer, max | {connections['clients']} | "
         f"≤ {connections['peak_processes']} processes x ({connections['pool_size_per_process']} "
         f"pool + 1 probe) = {connections['client_budget']} |",
-        f"| clients waiting in PgBouncer, max | {connections['clients_waiting']} | 0 |",
+        f"| clients waiting in PgBouncer (for a free or a new server connection), max | "
+        f"{connections['clients_waiting']} | |",
         f"| PostgreSQL connections open (in use), max | {connections['servers']} "
         f"({connections['servers_active']}) | ≤ PgBouncer's pool {connections['pgbouncer_pool']} |",
         f"| pg_stat_activity client backends (active), max | {connections['postgres_backends']} "
