@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit faults deploy-check load bench lock clean
+.PHONY: run test lint unit faults deploy-check load rehearse bench lock clean
 
 # Plain-text logs for people, unless LOG_FORMAT is set in the environment.
 run: $(STAMP)
@@ -40,6 +40,13 @@ deploy-check:
 # LOAD_P95_MS=500 LOAD_ROWS=10000 LOAD_HOST= LOAD_API_TOKEN=. Reports in load-report/.
 load: $(STAMP)
 	$(BIN)/python tests/load/run.py
+
+# A rolling update under load, shaped like k8s/: 3 processes behind HAProxy, PgBouncer in
+# transaction mode, locust distributed; each process replaced in turn. Needs Debian's haproxy and
+# pgbouncer. REHEARSE_DURATION=40 (s) REHEARSE_USERS=20 REHEARSE_ALLOW_DUPLICATES=1 (until the
+# service honours Idempotency-Key). Writes load-report/rehearsal.md and .json.
+rehearse: $(STAMP)
+	$(BIN)/python -m tests.rehearse.run
 
 # The service (1 and 2 workers) against a bare ASGI + asyncpg baseline under wrk, interleaved
 # rounds on one embedded PostgreSQL, then overload rounds and profiles; about 10 minutes; writes

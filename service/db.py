@@ -135,8 +135,13 @@ def create_probe_engine(settings: Settings) -> AsyncEngine:
 
     The request pool can be entirely busy under load while the database answers well; a probe
     queued behind it would fail every pod at once and leave the Service nowhere to send traffic.
+    Autocommit only on a direct connection: behind a transaction-mode pooler the probe's
+    statement, like every request's, must be prepared and run inside one transaction, or the
+    pooler may run it on a server connection where it was never prepared (a 503 from a healthy
+    pod, seen in the rolling update rehearsal).
     """
-    return _build_engine(settings, pool_size=1, max_overflow=0, isolation_level="AUTOCOMMIT")
+    isolation = {} if settings.db_pgbouncer else {"isolation_level": "AUTOCOMMIT"}
+    return _build_engine(settings, pool_size=1, max_overflow=0, **isolation)
 
 
 def _build_engine(settings: Settings, **overrides: Any) -> AsyncEngine:

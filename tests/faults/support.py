@@ -280,6 +280,8 @@ class PgBouncer:
                     f"auth_file = {root / 'userlist.txt'}",
                     "pool_mode = transaction",
                     f"default_pool_size = {pool_size}",
+                    # So a test can read SHOW POOLS on the admin console (database `pgbouncer`).
+                    "admin_users = postgres",
                     "max_client_conn = 500",
                     f"logfile = {root / 'pgbouncer.log'}",
                     f"pidfile = {root / 'pgbouncer.pid'}",

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from locust import FastHttpUser, between, events, task
@@ -112,6 +113,24 @@ class ItemsUser(FastHttpUser):
     connection_timeout = 5.0
     # Verify TLS against a real deployment (locust's FastHttpUser does not by default).
     insecure = False
+    # The rows a POST creates are deleted again, so the table keeps its size.
+    keep_created_rows = False
+
+    def call(
+        self, method: str, path: str, name: str, check: Callable[[Any], Any], **kwargs: Any
+    ) -> Any:
+        """One request, judged by `check`; returns what `check` returned, None if it failed."""
+        with self.client.request(method, path, name=name, catch_response=True, **kwargs) as r:
+            return checked(r, check)
+
+    def ids_to_patch(self) -> list[int]:
+        """10 to 100 distinct seeded ids, in random order."""
+        return random.sample(range(1, ROWS + 1), random.randint(10, min(100, ROWS)))
+
+    def new_names(self) -> list[str]:
+        """Names for the 1 to 5 rows of a POST."""
+        tag = uuid.uuid4().hex[:12]
+        return [f"load-{tag}-{i}" for i in range(1, random.randint(1, 5) + 1)]
 
     @task(12)
     def list_items(self) -> None:
@@ -127,16 +146,16 @@ class ItemsUser(FastHttpUser):
             if page:
                 params["after_id"] = cursor
             name = "/items?" + "&".join(sorted(params))
-            with self.client.get(
-                "/items", params=params, name=name, catch_response=True
-            ) as response:
-                after_id = cursor or 0
-                cursor = checked(
-                    response,
-                    lambda r, after_id=after_id: check_page(
-                        json_body(r, 200), limit=limit, after_id=after_id, min_value=min_value
-                    ),
-                )
+            after_id = cursor or 0
+            cursor = self.call(
+                "GET",
+                "/items",
+                name,
+                lambda r, after_id=after_id: check_page(
+                    json_body(r, 200), limit=limit, after_id=after_id, min_value=min_value
+                ),
+                params=params,
+            )
             if cursor is None:
                 return
 
@@ -156,13 +175,12 @@ class ItemsUser(FastHttpUser):
             if item["id"] != item_id or item["name"] != f"demo-{item_id:06d}":
                 raise ShapeError(f"asked for item {item_id}, got {item!r}")
 
-        with self.client.get(f"/items/{item_id}", name="/items/[id]", catch_response=True) as r:
-            checked(r, check)
+        self.call("GET", f"/items/{item_id}", "/items/[id]", check)
 
     @task(2)
     def patch_values(self) -> None:
         """New values for 10 to 100 distinct seeded rows, sent in random order."""
-        ids = random.sample(range(1, ROWS + 1), random.randint(10, min(100, ROWS)))
+        ids = self.ids_to_patch()
         batch = [{"id": item_id, "value": random_value()} for item_id in ids]
 
         def check(response: ResponseContextManager) -> None:
@@ -170,17 +188,12 @@ class ItemsUser(FastHttpUser):
             if body != {"updated": len(batch)}:
                 raise ShapeError(f"expected {{'updated': {len(batch)}}}, got {str(body)[:200]}")
 
-        with self.client.patch(
-            "/items", json=batch, headers=WRITE_HEADERS, name="/items", catch_response=True
-        ) as response:
-            checked(response, check)
+        self.call("PATCH", "/items", "/items", check, json=batch, headers=WRITE_HEADERS)
 
     @task(1)
     def create_then_delete(self) -> None:
         """Insert 1 to 5 rows, check they come back in order with new ids, delete them again."""
-        tag = uuid.uuid4().hex[:12]
-        batch = [{"name": f"load-{tag}-{i}", "value": random_value()} for i in range(1, 6)]
-        batch = batch[: random.randint(1, 5)]
+        batch = [{"name": name, "value": random_value()} for name in self.new_names()]
 
         def check(response: ResponseContextManager) -> list[int]:
             body = json_body(response, 201)
@@ -197,16 +210,16 @@ class ItemsUser(FastHttpUser):
                 raise ShapeError(f"new ids not ascending and past the seeded rows: {ids}")
             return ids
 
-        with self.client.post(
-            "/items", json=batch, headers=WRITE_HEADERS, name="/items", catch_response=True
-        ) as response:
-            created = checked(response, check) or []
-        for item_id in created:
-            with self.client.delete(
-                f"/items/{item_id}",
-                headers=WRITE_HEADERS,
-                name="/items/[id]",
-                catch_response=True,
-            ) as response:
-                if response.status_code != 204:
-                    response.failure(f"status {response.status_code}, expected 204")
+        created = self.call("POST", "/items", "/items", check, json=batch, headers=WRITE_HEADERS)
+        if self.keep_created_rows:
+            return
+
+        def check_deleted(response: ResponseContextManager) -> bool:
+            if response.status_code != 204:
+                raise ShapeError(f"status {response.status_code}, expected 204")
+            return True
+
+        for item_id in created or []:
+            self.call(
+                "DELETE", f"/items/{item_id}", "/items/[id]", check_deleted, headers=WRITE_HEADERS
+            )

@@ -96,12 +96,12 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def service_environment(token: str, port: int) -> dict[str, str]:
+def service_environment(token: str, port: int, **settings: str) -> dict[str, str]:
     """The shipped defaults, an embedded database of the load test's own, one token.
 
     The database keys are set empty on purpose: an environment value wins over `.env`, and an
     empty one counts as unset, so a developer's `.env` pointing at a real database is never
-    seeded (which truncates) or loaded.
+    seeded (which truncates) or loaded. `settings` (e.g. DATABASE_URL) go over all of it.
     """
     keep = ("PATH", "HOME", "LANG", "TMPDIR", "XDG_RUNTIME_DIR")
     env = {k: v for k, v in os.environ.items() if k in keep}
@@ -116,6 +116,7 @@ def service_environment(token: str, port: int) -> dict[str, str]:
             "PORT": str(port),
         }
     )
+    env.update(settings)
     return env
 
 
