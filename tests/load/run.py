@@ -31,6 +31,7 @@ import urllib.request
 import venv
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "tests" / "load" / "locustfile.py"
@@ -59,6 +60,18 @@ class Plan:
     p95_limit_ms: int
     rows: int
     host: str
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 30.0) -> int:
+    """SIGTERM by its PID, SIGKILL after `timeout`; returns its exit status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 
 
 def setting(name: str, default: int) -> int:
@@ -183,14 +196,8 @@ def local_service(rows: int) -> Iterator[tuple[str, str]]:
         wait_until_ready(process, base_url, log)
         yield base_url, token
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=SHUTDOWN_SECONDS)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        print(f"service stopped (exit status {process.returncode})", flush=True)
+        status = stop_process(process, SHUTDOWN_SECONDS)
+        print(f"service stopped (exit status {status})", flush=True)
 
 
 def read_plan() -> Plan:

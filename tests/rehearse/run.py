@@ -56,6 +56,7 @@ from tests.load.run import (
     free_port,
     service_environment,
     setting,
+    stop_process,
     tail,
     wait_until_ready,
 )
@@ -266,18 +267,6 @@ def sample_connections(
         budget.servers_active = max(budget.servers_active, active)
         budget.postgres_backends = max(budget.postgres_backends, int(server_side["open"]))
         budget.postgres_active = max(budget.postgres_active, int(server_side["active"]))
-
-
-def stop_process(process: subprocess.Popen[Any], timeout: float = 30.0) -> int:
-    """SIGTERM by its PID, SIGKILL after `timeout`; returns its exit status."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
 
 
 class Rehearsal:
