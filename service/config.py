@@ -83,6 +83,8 @@ class Settings:
     max_batch: int = 1000
     # Largest request body accepted, in bytes; larger ones get 413.
     max_body_bytes: int = 1024 * 1024
+    # Seconds an Idempotency-Key's stored answer is replayed; expired ones are deleted.
+    idempotency_ttl_seconds: int = 86400
     # Address and port uvicorn binds to.
     host: str = "127.0.0.1"
     port: int = 8000
@@ -156,6 +158,9 @@ def load_settings(
         auth_disabled=auth_disabled,
         max_batch=_int(get, "MAX_BATCH", 1000, minimum=1, maximum=100_000),
         max_body_bytes=_int(get, "MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
+        idempotency_ttl_seconds=_int(
+            get, "IDEMPOTENCY_TTL_SECONDS", 86400, minimum=1, maximum=10**9
+        ),
         host=get("HOST") or "127.0.0.1",
         port=_int(get, "PORT", 8000, minimum=1, maximum=65535),
         shutdown_delay_seconds=_float(get, "SHUTDOWN_DELAY_SECONDS", 2.0, minimum=0.0),
