@@ -147,3 +147,8 @@ async def test_the_downgrade_drops_a_table_the_migration_created(database: URL) 
     await downgrade(database)
 
     assert await table_state(database) == {"table": None}
+    connection = await asyncpg.connect(asyncpg_dsn(database))
+    try:
+        assert await connection.fetchval("SELECT to_regclass('idempotency_keys')") is None
+    finally:
+        await connection.close()
