@@ -1,11 +1,15 @@
 -- The batch workload: PATCH /items with 50 distinct random existing ids (1..BENCH_ROWS) in
 -- random order, each with a random new value in [0, 1000), sent with the bearer token from
 -- BENCH_TOKEN. Run by bench/run.py: wrk -t1 -c64 --latency -s bench/batch.lua URL
+-- With BENCH_IDEMPOTENCY_KEYS=1 (bench/idempotency.py) every request carries a new
+-- Idempotency-Key, so each one is applied and its answer stored.
 
 dofile(debug.getinfo(1, "S").source:match("^@(.*[/\\])") .. "report.lua")
 
 local rows = tonumber(os.getenv("BENCH_ROWS") or "10000")
 local batch_size = tonumber(os.getenv("BENCH_BATCH") or "50")
+local keyed = os.getenv("BENCH_IDEMPOTENCY_KEYS") == "1"
+local key_prefix, sent = "", 0
 local headers = {
    ["Authorization"] = "Bearer " .. (os.getenv("BENCH_TOKEN") or ""),
    ["Content-Type"] = "application/json",
@@ -13,6 +17,7 @@ local headers = {
 
 function init(args)
    seed_random()
+   key_prefix = string.format("bench-%d-%d", os.time(), math.random(1000000000))
 end
 
 function request()
@@ -24,6 +29,10 @@ function request()
          seen[id] = true
          entries[#entries + 1] = string.format('{"id":%d,"value":%.2f}', id, math.random() * 1000)
       end
+   end
+   if keyed then
+      sent = sent + 1
+      headers["Idempotency-Key"] = key_prefix .. "-" .. sent
    end
    return wrk.format("PATCH", "/items", headers, "[" .. table.concat(entries, ",") .. "]")
 end

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -40,6 +42,7 @@ from service.errors import (
     handle_internal_error,
 )
 from service.health import get_liveness, get_readiness
+from service.idempotency import expire_keys_forever
 from service.logs import AccessLog
 from service.metrics import Metrics, get_metrics
 from service.middleware import ObserveRequests
@@ -125,6 +128,9 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
         if settings.auth_disabled:
             log.warning("AUTH_DISABLED: writes are open to anyone who can reach this service")
         stop_watching = drain_on_sigterm(app.state, settings.shutdown_delay_seconds)
+        expiry = asyncio.create_task(
+            expire_keys_forever(sessions, settings.idempotency_ttl_seconds)
+        )
         if freeze_after_start:
             # Everything built so far (routes, OpenAPI models, SQLAlchemy's registries) lives as
             # long as the process: move it out of the collector's sight, and collect the young
@@ -136,6 +142,9 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
             yield
         finally:
             stop_watching()
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
             await sessions.close()
             await engine.dispose()
             await app.state.probe_engine.dispose()

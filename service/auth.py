@@ -52,6 +52,15 @@ def require_token(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
         raise _unauthorized("the bearer token is not valid")
 
 
+def token_digest(connection: ASGIConnection[Any, Any, Any, Any]) -> bytes:
+    """Whose idempotency keys a request uses: its bearer token's SHA-256 digest, so the token
+    itself is never stored; with AUTH_DISABLED everyone's (an empty value)."""
+    if connection.app.state.settings.auth_disabled:
+        return b""
+    _scheme, _sep, token = connection.headers.get("authorization", "").partition(" ")
+    return hashlib.sha256(token.strip().encode()).digest()
+
+
 def require_json(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
     """Refuse a body that does not say it is JSON before it is read."""
     media_type = connection.headers.get("content-type", "").split(";")[0].strip().lower()

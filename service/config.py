@@ -72,6 +72,8 @@ class Settings:
     max_batch: Annotated[int, Meta(ge=1, le=100_000)] = 1000
     # Largest request body accepted, in bytes; larger ones get 413.
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 1024 * 1024
+    # Seconds an Idempotency-Key's stored answer is replayed; expired ones are deleted.
+    idempotency_ttl_seconds: Annotated[int, Meta(ge=1, le=10**9)] = 86400
     # Address and port uvicorn binds to.
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=1, le=65535)] = 8000

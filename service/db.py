@@ -9,7 +9,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 from uuid import uuid4
@@ -22,6 +22,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+from service import queries
 from service.config import Settings
 
 log = logging.getLogger("service.db")
@@ -276,6 +277,24 @@ class SessionPool:
         """
         return _Lease(self)
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """`async with pool.transaction() as session`: a leased session in one real transaction,
+        committed when the block ends normally, rolled back when it raises.
+
+        The request engine is in autocommit mode (each statement its own transaction), so BEGIN
+        and COMMIT are sent by hand there; behind a pooler SQLAlchemy begins one itself. Either
+        way a failed lease ends the transaction before the connection serves anyone else.
+        """
+        async with self.lease() as session:
+            if not self.transactional:
+                await session.execute(queries.BEGIN)
+            yield session
+            if self.transactional:
+                await session.commit()
+            else:
+                await session.execute(queries.COMMIT)
+
     @property
     def checked_out(self) -> int:
         """Sessions leased to requests right now."""
@@ -366,6 +385,10 @@ class SessionPool:
         if not slot.connection.invalidated and not slot.driver.is_closed():
             try:
                 await slot.session.rollback()
+                if slot.driver.is_in_transaction():
+                    # Begun by `transaction` on an autocommit connection, where SQLAlchemy's
+                    # rollback sends nothing: the next request must not inherit it.
+                    await slot.driver.execute("ROLLBACK")
                 return
             except Exception:  # a broken connection, or one interrupted mid-statement
                 log.debug("rollback failed; the connection is discarded", exc_info=True)

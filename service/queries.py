@@ -6,7 +6,7 @@ that return rows declare their columns (`.columns(...)`), so SQLAlchemy builds t
 metadata once per statement instead of once per execution.
 """
 
-from sqlalchemy import ARRAY, Float, Integer, String, column, text
+from sqlalchemy import ARRAY, Boolean, Float, Integer, LargeBinary, String, column, text
 
 # The columns of a row, as the SELECTs and INSERT … RETURNING below give them.
 ITEM_COLUMNS = (column("id", Integer), column("name", String), column("value", Float))
@@ -58,3 +58,41 @@ SELECT_ONE = text("SELECT 1")
 
 # Proves the table is there (migrations applied) without reading a row.
 SELECT_NOTHING = text("SELECT 1 FROM playing_with_neon LIMIT 0")
+
+# Idempotent writes (service/idempotency.py) run these around the write in one transaction. On
+# the autocommit request engine the transaction is begun and committed by hand.
+BEGIN = text("BEGIN")
+COMMIT = text("COMMIT")
+
+# Held until the transaction ends; `try` answers at once instead of waiting. For a key: is a
+# request with this key in flight? For the expiry: is another pod deleting expired keys?
+TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(:lock_id) AS locked").columns(
+    column("locked", Boolean)
+)
+
+# A separate statement from the lock: each statement takes a new snapshot, so this one sees an
+# answer committed by the request that held the lock just before us.
+SELECT_IDEMPOTENT_ANSWER = text(
+    "SELECT fingerprint, status, body FROM idempotency_keys "
+    "WHERE token_digest = :token_digest AND key = :key "
+    "AND created_at > now() - CAST(:ttl_seconds AS int4) * interval '1 second'"
+).columns(
+    column("fingerprint", LargeBinary), column("status", Integer), column("body", LargeBinary)
+)
+
+# Runs only when no live answer exists; a conflict is an expired row not yet deleted.
+INSERT_IDEMPOTENT_ANSWER = text(
+    "INSERT INTO idempotency_keys (token_digest, key, fingerprint, status, body) "
+    "VALUES (:token_digest, :key, :fingerprint, :status, :body) "
+    "ON CONFLICT (token_digest, key) DO UPDATE SET fingerprint = excluded.fingerprint, "
+    "status = excluded.status, body = excluded.body, created_at = excluded.created_at"
+)
+
+# A bounded batch; rows a request is rewriting right now are skipped, never waited for.
+DELETE_EXPIRED_KEYS = text(
+    "WITH deleted AS (DELETE FROM idempotency_keys WHERE (token_digest, key) IN ("
+    "SELECT token_digest, key FROM idempotency_keys "
+    "WHERE created_at <= now() - CAST(:ttl_seconds AS int4) * interval '1 second' "
+    "ORDER BY created_at LIMIT :batch FOR UPDATE SKIP LOCKED) RETURNING 1"
+    ") SELECT count(*) AS deleted FROM deleted"
+).columns(column("deleted", Integer))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any
 
-from litestar import Request, delete, get, patch, post
+import msgspec
+from litestar import Request, Response, delete, get, patch, post
 from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
@@ -17,7 +19,8 @@ from sqlalchemy import Executable
 from service import queries
 from service.auth import WRITE_SECURITY, authorize_json_write, authorize_write
 from service.db import SessionPool, connection_was_lost, nothing_reached_server
-from service.errors import ProblemException
+from service.errors import ProblemException, problem_document
+from service.idempotency import idempotency_key, write_once
 from service.schemas import (
     INT4_MAX,
     CreatedItems,
@@ -33,12 +36,21 @@ from service.schemas import (
 
 log = logging.getLogger("service.routes")
 
+# Answers to writes sent with an Idempotency-Key are encoded here, to be stored as sent.
+encode_json = msgspec.json.Encoder().encode
+
 PROBLEM = ResponseSpec(
     Problem, description="Problem document", media_type="application/problem+json"
 )
 READ_ERRORS = {400: PROBLEM, 503: PROBLEM}
 # 400 is listed explicitly: a malformed JSON body is answered as a problem document, and without
 # it the OpenAPI document would show Litestar's default (application/json) 400 instead.
+MISSING_IDS = "some ids do not exist; nothing was changed"
+IDEMPOTENCY = (
+    "With an `Idempotency-Key` header (1 to 255 printable ASCII characters), a retry gets the"
+    " stored answer with `Idempotent-Replayed: true` and changes nothing; the same key with a"
+    " different request is 422, and while the first is still in progress 409 with Retry-After."
+)
 WRITE_ERRORS = {
     400: PROBLEM,
     401: PROBLEM,
@@ -90,20 +102,33 @@ async def get_item(request: Request[Any, Any, Any], item_id: FromPath[int]) -> I
     "/items",
     before_request=authorize_json_write,
     security=WRITE_SECURITY,
-    responses=WRITE_ERRORS,
-    description="Inserts all rows in one statement, all or none; answers them with their new ids.",
+    responses={**WRITE_ERRORS, 409: PROBLEM},
+    description=(
+        "Inserts all rows in one statement, all or none; answers them with their new ids."
+        f" {IDEMPOTENCY}"
+    ),
     dto=NewItemsBody,
     return_dto=None,
 )
 async def create_items(
     request: Request[Any, Any, Any], data: JSONBody[list[NewItem]]
-) -> CreatedItems:
+) -> Response[CreatedItems]:
     """Insert a batch of rows."""
     _check_batch_size(len(data), request.app.state.settings.max_batch)
     _check_names(data)
+    key = idempotency_key(request)
     params = {"names": [item.name for item in data], "values": [item.value for item in data]}
-    rows = await _write(request, queries.INSERT_ITEMS, params)
+    if key is not None:
+        return await write_once(request, key, queries.INSERT_ITEMS, params, _created_answer)
+    return Response(_created(await _write(request, queries.INSERT_ITEMS, params)))
+
+
+def _created(rows: Sequence[Any]) -> CreatedItems:
     return CreatedItems(items=[Item(*row) for row in sorted(rows)])
+
+
+def _created_answer(rows: Sequence[Any]) -> tuple[int, bytes]:
+    return 201, encode_json(_created(rows))
 
 
 @patch(
@@ -113,26 +138,35 @@ async def create_items(
     responses={**WRITE_ERRORS, 404: PROBLEM, 409: PROBLEM},
     description=(
         "Applies every new value in one transaction, all or nothing: if any id is missing,"
-        " nothing changes and the answer is 404 with `missing_ids`."
+        f" nothing changes and the answer is 404 with `missing_ids`. {IDEMPOTENCY}"
     ),
     dto=ValueUpdatesBody,
     return_dto=None,
 )
 async def update_values(
     request: Request[Any, Any, Any], data: JSONBody[list[ValueUpdate]]
-) -> UpdateResult:
+) -> Response[UpdateResult]:
     """Set new values on existing rows, as one batched UPDATE."""
     _check_batch_size(len(data), request.app.state.settings.max_batch)
     # No sorting here: the statement itself locks the rows in id order.
     ids = [update.id for update in data]
     _check_unique_ids(ids)
+    key = idempotency_key(request)
     params = {"ids": ids, "values": [update.value for update in data]}
+    if key is not None:
+        answer = functools.partial(_updated_answer, updated=len(ids))
+        return await write_once(request, key, queries.UPDATE_ITEM_VALUES, params, answer)
     (missing,) = (await _write(request, queries.UPDATE_ITEM_VALUES, params))[0]
     if missing:
-        raise ProblemException(
-            404, "some ids do not exist; nothing was changed", missing_ids=missing
-        )
-    return UpdateResult(updated=len(ids))
+        raise ProblemException(404, MISSING_IDS, missing_ids=missing)
+    return Response(UpdateResult(updated=len(ids)))
+
+
+def _updated_answer(rows: Sequence[Any], *, updated: int) -> tuple[int, bytes]:
+    (missing,) = rows[0]
+    if missing:
+        return 404, encode_json(problem_document(404, MISSING_IDS, missing_ids=missing))
+    return 200, encode_json(UpdateResult(updated=updated))
 
 
 @delete(
