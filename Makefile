@@ -43,8 +43,7 @@ load: $(STAMP)
 
 # A rolling update under load, shaped like k8s/: 3 processes behind HAProxy, PgBouncer in
 # transaction mode, locust distributed; each process replaced in turn. Needs Debian's haproxy and
-# pgbouncer. REHEARSE_DURATION=40 (s) REHEARSE_USERS=20 REHEARSE_ALLOW_DUPLICATES=1 (until the
-# service honours Idempotency-Key). Writes load-report/rehearsal.md and .json.
+# pgbouncer. REHEARSE_DURATION=40 (s) REHEARSE_USERS=20. Writes load-report/rehearsal.md and .json.
 rehearse: $(STAMP)
 	$(BIN)/python -m tests.rehearse.run
 

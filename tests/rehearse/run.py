@@ -11,12 +11,12 @@ drain and exit.
 Then it counts: requests, failures a client saw (after its one retry), duplicate rows, written rows
 or values that an acknowledged write put there and that are gone, p99 before and during the roll,
 and PostgreSQL connections against the budget. The report is load-report/rehearsal.md (and .json).
-Exits 1 when a client saw a failure, an acknowledged write was lost, a duplicate row exists (unless
-REHEARSE_ALLOW_DUPLICATES=1: the service does not honour Idempotency-Key yet), the connection
+Exits 1 when a client saw a failure, an acknowledged write was lost, a duplicate row exists (a
+retried POST carries its Idempotency-Key, so the service must not insert it twice), the connection
 budget was exceeded or a process did not exit 0; 2 when the rehearsal itself could not be run.
 
-Environment: REHEARSE_DURATION (40 s of load, the roll inside), REHEARSE_USERS (20),
-REHEARSE_ALLOW_DUPLICATES. Every process is started here and ended by its PID; the whole run is
+Environment: REHEARSE_DURATION (40 s of load, the roll inside), REHEARSE_USERS (20). Every process
+is started here and ended by its PID; the whole run is
 bounded by a hard timeout of REHEARSE_DURATION + 120 s.
 """
 
@@ -578,7 +578,7 @@ def main_rehearsal(users: int, seconds: int) -> dict[str, Any]:
         shutil.rmtree(socket_dir, ignore_errors=True)
 
 
-def problems_in(figures: dict[str, Any], allow_duplicates: bool) -> list[str]:
+def problems_in(figures: dict[str, Any]) -> list[str]:
     """What makes the rehearsal fail, in words; empty when it passed."""
     writes, connections = figures["writes"], figures["connections"]
     problems = []
@@ -590,11 +590,8 @@ def problems_in(figures: dict[str, Any], allow_duplicates: bool) -> list[str]:
         problems.append(
             f"acknowledged writes lost: {writes['lost_rows']} rows, {writes['lost_values']} values"
         )
-    if writes["duplicated_names"] and not allow_duplicates:
-        problems.append(
-            f"{writes['duplicated_names']} POSTed rows exist more than once "
-            "(REHEARSE_ALLOW_DUPLICATES=1 accepts this until the service honours Idempotency-Key)"
-        )
+    if writes["duplicated_names"]:
+        problems.append(f"{writes['duplicated_names']} POSTed rows exist more than once")
     if connections["client_budget"] > connections["pgbouncer_pool"]:
         problems.append("the planned connections exceed PgBouncer's pool")
     if connections["clients"] > connections["client_budget"]:
@@ -696,14 +693,13 @@ def main() -> int:
     try:
         users = setting("REHEARSE_USERS", 20)
         seconds = setting("REHEARSE_DURATION", 40)
-        allow_duplicates = os.environ.get("REHEARSE_ALLOW_DUPLICATES", "") == "1"
         REPORT.mkdir(exist_ok=True)
         with hard_timeout(seconds + 120):
             figures = main_rehearsal(users, seconds)
     except (LoadError, subprocess.SubprocessError, OSError) as exc:
         print(f"rehearsal error: {exc}", file=sys.stderr)
         return 2
-    problems = problems_in(figures, allow_duplicates)
+    problems = problems_in(figures)
     figures["problems"] = problems
     (REPORT / "rehearsal.json").write_text(json.dumps(figures, indent=2) + "\n")
     report = markdown(figures, problems)
