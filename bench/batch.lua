@@ -1,7 +1,7 @@
 -- The batch workload: PATCH /items with 50 distinct random existing ids (1..BENCH_ROWS) in
 -- random order, each with a random new value in [0, 1000), sent with the bearer token from
 -- BENCH_TOKEN. Run by bench/run.py: wrk -t1 -c64 --latency -s bench/batch.lua URL
--- With BENCH_IDEMPOTENCY_KEYS=1 (bench/idempotency.py) every request carries a new
+-- With BENCH_IDEMPOTENCY_KEYS=1 (bench/run.py's keyed rounds) every request carries a new
 -- Idempotency-Key, so each one is applied and its answer stored.
 
 dofile(debug.getinfo(1, "S").source:match("^@(.*[/\\])") .. "report.lua")
@@ -17,7 +17,13 @@ local headers = {
 
 function init(args)
    seed_random()
-   key_prefix = string.format("bench-%d-%d", os.time(), math.random(1000000000))
+   -- Unique per wrk run: the warm-up and the measured run start in the same second with the same
+   -- seed, and a key sent again with another body would be a 422, not a new write.
+   local urandom = io.open("/dev/urandom", "rb")
+   key_prefix = "bench-" .. urandom:read(8):gsub(".", function(c)
+      return string.format("%02x", c:byte())
+   end)
+   urandom:close()
 end
 
 function request()

@@ -46,7 +46,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +135,7 @@ class Options:
     overload_rounds: int
     overload_connections: int
     database_url: str | None
+    keyed_rounds: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -957,11 +958,64 @@ def git_revision() -> str:
     return f"{git('rev-parse', '--short', 'HEAD')}{dirty}"
 
 
+def measure_idempotency_keys(options: Options, database: Database) -> list[dict[str, Any]]:
+    """The batch load with and without a new Idempotency-Key per request, alternating."""
+    rows: list[dict[str, Any]] = []
+    for number in range(1, options.keyed_rounds + 1):
+        for mode in ("plain", "keyed") if number % 2 else ("keyed", "plain"):
+            WRK_ENV["BENCH_IDEMPOTENCY_KEYS"] = "1" if mode == "keyed" else "0"
+            try:
+                with Server(SERVICE_1, database.url, options, "keyed") as server:
+                    row = {**measure(options, server, database, "batch", number), "mode": mode}
+            finally:
+                WRK_ENV["BENCH_IDEMPOTENCY_KEYS"] = "0"
+            rows.append(row)
+            print(
+                f"keyed {number} {mode:5} {row['rps']:8.0f} req/s p50 {row['p50_ms']:6.1f} ms "
+                f"p99 {row['p99_ms']:6.1f} ms errors {row['errors']}",
+                flush=True,
+            )
+    return rows
+
+
+def keyed_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return ["(not run)"]
+    lines = [
+        "| Idempotency-Key | req/s | p50 ms | p99 ms | server CPU per request "
+        "| PostgreSQL CPU per request | errors |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for mode, label in (("plain", "none"), ("keyed", "a new one per request")):
+        runs = [r for r in rows if r["mode"] == mode]
+
+        def median(
+            pick: Callable[[dict[str, Any]], float], runs: list[dict[str, Any]] = runs
+        ) -> float:
+            return statistics.median(pick(r) for r in runs)
+
+        server_ms = median(lambda r: r["cpu_cores"]["server"] / r["rps"] * 1000)
+        postgres_ms = median(lambda r: (r["cpu_cores"]["postgres"] or 0.0) / r["rps"] * 1000)
+        p50, p99 = median(lambda r: r["p50_ms"]), median(lambda r: r["p99_ms"])
+        lines.append(
+            f"| {label} | {fmt(median(lambda r: r['rps']))} | {fmt(p50, 1)} | {fmt(p99, 1)}"
+            f" | {server_ms:.2f} ms | {postgres_ms:.2f} ms"
+            f" | {sum(r['errors'] for r in runs)} of {sum(r['requests'] for r in runs):,} |"
+        )
+    plain, keyed = (
+        statistics.median(r["rps"] for r in rows if r["mode"] == mode)
+        for mode in ("plain", "keyed")
+    )
+    lines += ["", f"With a key: {keyed / plain:.2f} times the requests/s of the same load without."]
+    return lines
+
+
 def write_results(
     options: Options,
     database: Database,
     rounds: list[dict[str, Any]],
     overload: list[dict[str, Any]],
+    keyed: list[dict[str, Any]],
     counted: dict[str, Any],
     profiles: dict[str, dict[str, Any]],
     started: datetime.datetime,
@@ -1046,6 +1100,15 @@ def write_results(
             else "WARNING: the service and the baseline answered some reads differently."
         ),
         "",
+        "## Idempotency-Key",
+        "",
+        "The batch load against the service (1 worker) without the header and with a new "
+        "`Idempotency-Key` on every request (each one applied and its answer stored: BEGIN, "
+        f"key lock, lookup, UPDATE, answer, COMMIT), alternating, {options.keyed_rounds} rounds, "
+        "medians.",
+        "",
+        *keyed_table(keyed),
+        "",
         "## Profiles (py-spy)",
         "",
         *profile_section(profiles),
@@ -1100,6 +1163,12 @@ def parse_options() -> Options:
     )
     parser.add_argument("--overload-connections", type=int, default=256)
     parser.add_argument(
+        "--keyed-rounds",
+        type=int,
+        default=int(env("BENCH_KEYED_ROUNDS", "2")),
+        help="rounds of the batch load with and without an Idempotency-Key (0: none)",
+    )
+    parser.add_argument(
         "--only",
         default="service-1,service-2,baseline",
         help="comma-separated targets to run (service-1, service-2, baseline)",
@@ -1136,6 +1205,7 @@ def parse_options() -> Options:
         pool_size=int(pool) if pool else None,
         profile=not args.no_profile,
         overload_rounds=args.overload_rounds,
+        keyed_rounds=args.keyed_rounds,
         overload_connections=args.overload_connections,
         database_url=env("BENCH_DATABASE_URL") or None,
     )
@@ -1189,6 +1259,8 @@ def main() -> int:
                     flush=True,
                 )
 
+    keyed = measure_idempotency_keys(options, database) if SERVICE_1 in options.targets else []
+
     profiles: dict[str, dict[str, Any]] = {}
     py_spy = find_py_spy() if options.profile else None
     if py_spy:
@@ -1201,10 +1273,24 @@ def main() -> int:
                 options, database, target, workload, py_spy
             )
 
-    raw = {"rounds": rounds, "overload": overload, "round_trips": counted, "profiles": profiles}
+    raw = {
+        "rounds": rounds,
+        "overload": overload,
+        "keyed": keyed,
+        "round_trips": counted,
+        "profiles": profiles,
+    }
     (WORK / "last-run.json").write_text(json.dumps(raw, indent=1, default=str))
     table = write_results(
-        options, database, rounds, overload, counted, profiles, started, time.monotonic() - clock
+        options,
+        database,
+        rounds,
+        overload,
+        keyed,
+        counted,
+        profiles,
+        started,
+        time.monotonic() - clock,
     )
     print()
     print(table)
