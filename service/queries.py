@@ -58,3 +58,12 @@ SELECT_ONE = text("SELECT 1")
 
 # Proves the table is there (migrations applied) without reading a row.
 SELECT_NOTHING = text("SELECT 1 FROM playing_with_neon LIMIT 0")
+
+# The primary's WAL position as a number: after a commit, at or past the commit's record.
+SELECT_WAL_POSITION = text("SELECT CAST(pg_current_wal_lsn() - '0/0' AS int8)")
+
+# How far a replica has replayed the primary's WAL; on a server that is not a replica (a read
+# URL naming a primary, or a promoted replica), its own position: it has everything it wrote.
+SELECT_REPLAYED_POSITION = text(
+    "SELECT CAST(COALESCE(pg_last_wal_replay_lsn(), pg_current_wal_lsn()) - '0/0' AS int8)"
+)
