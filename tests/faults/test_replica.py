@@ -1,4 +1,4 @@
-"""Fault 9: reads on a streaming read replica (DATABASE_READ_URL), and its failures.
+"""Fault 7: reads on a streaming read replica (DATABASE_READ_URL), and its failures.
 
 A primary and a streaming replica of it (pg_basebackup -R), both real servers of this module's
 own. Reads go to the replica; a read with a write's Consistency-Token sees that write even while
@@ -166,7 +166,7 @@ async def test_reads_are_served_by_the_replica(replicated: Replicated, tmp_path:
     assert on_replica_count >= 1
     assert on_primary_count == 0
     record(
-        "Fault 9",
+        "Fault 7",
         "Read replica configured (DATABASE_READ_URL, a streaming replica): 21 reads, a write, "
         "a malformed Consistency-Token",
         23,
@@ -206,7 +206,7 @@ async def test_a_token_read_sees_the_write_while_replay_is_paused(
     assert resumed["replica"] - paused["replica"] == 1, "served by the replica once it replayed"
     assert resumed["primary"] == paused["primary"]
     record(
-        "Fault 9",
+        "Fault 7",
         "Replica replay paused (pg_wal_replay_pause), then a PATCH; reads with and without its "
         "Consistency-Token; replay resumed",
         4,
@@ -269,7 +269,7 @@ async def test_replica_stopped_under_load_costs_no_read(
     around = [o for o in outcomes if stopping_at - 1 <= o.started <= starting_at]
     slowest = max(o.elapsed for o in around)
     record(
-        "Fault 9",
+        "Fault 7",
         f"Read replica stopped (pg_ctl stop -m fast) for 3 s under {WORKERS} reading clients, "
         "then started again",
         len(outcomes),
@@ -323,7 +323,7 @@ async def test_primary_stopped_reads_from_replica_writes_503(
     assert ready_while_down == 503
     assert first_write is not None and first_write <= 2.0, first_write
     record(
-        "Fault 9",
+        "Fault 7",
         "Primary stopped (pg_ctl stop -m fast) for 2 s with the replica up: token-less reads "
         "and PATCHes, then the primary started again",
         len(outcomes) + 1,
