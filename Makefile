@@ -6,11 +6,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint unit faults deploy-check load rehearse bench lock clean
+.PHONY: run run-replica test lint unit faults deploy-check load rehearse bench lock clean
 
 # Plain-text logs for people, unless LOG_FORMAT is set in the environment.
 run: $(STAMP)
 	LOG_FORMAT=$${LOG_FORMAT:-console} $(BIN)/python -m service
+
+# The same, with a streaming replica of the embedded database (pg_basebackup -R, copied afresh at
+# each start into .data/postgres-replica) serving the reads, as DATABASE_READ_URL would.
+run-replica: $(STAMP)
+	LOG_FORMAT=$${LOG_FORMAT:-console} $(BIN)/python -m service serve --replica
 
 test: lint unit faults deploy-check
 

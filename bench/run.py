@@ -74,7 +74,8 @@ SERVICE_KEYS = (
     "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_POOL_RECYCLE",
     "DB_STATEMENT_TIMEOUT_MS", "DB_PGBOUNCER", "API_TOKENS", "AUTH_DISABLED", "MAX_BATCH",
     "MAX_BODY_BYTES", "HOST", "PORT", "SHUTDOWN_DELAY_SECONDS", "WORKERS", "LOG_LEVEL",
-    "LOG_FORMAT", "EMBEDDED_DB_DIR",
+    "LOG_FORMAT", "EMBEDDED_DB_DIR", "DATABASE_READ_URL", "DB_READ_HOST", "DB_READ_POOL_SIZE",
+    "READ_CONSISTENCY_WAIT_MS", "READ_MAX_LAG_MS",
 )  # fmt: skip
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 WORKLOADS = ("read", "batch")
@@ -98,11 +99,21 @@ class Target:
     workers: int = 1
     root: Path = REPO  # where `service/` is imported from (a candidate copy for --candidate)
     env: tuple[tuple[str, str], ...] = ()  # settings of this target beyond the defaults
+    reads_from_replica: bool = False  # DATABASE_READ_URL: the run's streaming replica
 
 
 SERVICE_1 = Target("service-1", "service, 1 worker", "service", 1)
 SERVICE_2 = Target("service-2", "service, 2 workers", "service", 2)
 BASELINE = Target("baseline", "baseline (bare ASGI + asyncpg)", "baseline", 1)
+# Reads on a streaming replica of the same PostgreSQL, on the same machine: what routing and the
+# Consistency-Token cost, not what a replica on its own hardware would gain.
+SERVICE_REPLICA = Target(
+    "service-replica",
+    "service, 1 worker, DATABASE_READ_URL (a streaming replica on the same machine)",
+    "service",
+    1,
+    reads_from_replica=True,
+)
 # For the overload rounds: the service as shipped, and without its in-flight limit.
 UNLIMITED = Target(
     "service-1-unlimited",
@@ -136,6 +147,7 @@ class Options:
     overload_connections: int
     database_url: str | None
     keyed_rounds: int = 0
+    replica_url: str | None = None  # set once the replica is up, for SERVICE_REPLICA
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,6 +242,10 @@ class Server:
         if options.pool_size is not None:
             env["DB_POOL_SIZE"] = str(options.pool_size)
         env.update(target.env)
+        if target.reads_from_replica:
+            if options.replica_url is None:
+                raise RuntimeError(f"{target.label}: no replica was started")
+            env["DATABASE_READ_URL"] = options.replica_url
         if target.kind == "service":
             env["WORKERS"] = str(target.workers)
             self.argv = [sys.executable, "-m", "service"]
@@ -1050,6 +1066,11 @@ def write_results(
         "",
         *results_table(summary, rounds, options.targets),
         "",
+        f"The row {SERVICE_REPLICA.label!r} reads from a streaming replica of the same "
+        "PostgreSQL on the same machine, so it shows what the read replica costs (a second "
+        "pool, routing, the Consistency-Token's extra round trip on every write), not the "
+        "speed-up a replica on hardware of its own gives.",
+        "",
         "Targets (issue 8): reads at least 0.45 times the baseline's requests/s (aim 0.5), "
         "batches at least 0.75 times, p99 at most 2 times the baseline's (aim 1.5), zero "
         "errors, one round trip per read, a read's CPU in the service at most 0.5 ms (the "
@@ -1170,8 +1191,8 @@ def parse_options() -> Options:
     )
     parser.add_argument(
         "--only",
-        default="service-1,service-2,baseline",
-        help="comma-separated targets to run (service-1, service-2, baseline)",
+        default="service-1,service-2,baseline,service-replica",
+        help="comma-separated targets to run (service-1, service-2, baseline, service-replica)",
     )
     parser.add_argument(
         "--candidate",
@@ -1183,7 +1204,7 @@ def parse_options() -> Options:
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="the Markdown report")
     args = parser.parse_args()
-    known = {t.key: t for t in (SERVICE_1, SERVICE_2, BASELINE)}
+    known = {t.key: t for t in (SERVICE_1, SERVICE_2, BASELINE, SERVICE_REPLICA)}
     try:
         targets = [known[key.strip()] for key in args.only.split(",") if key.strip()]
     except KeyError as exc:
@@ -1221,7 +1242,36 @@ def main() -> int:
     where = f"embedded in {EMBEDDED_DIR}" if database.embedded else "BENCH_DATABASE_URL"
     print(f"PostgreSQL: {where}", flush=True)
     prepare_database(database)
+    with contextlib.ExitStack() as cleanup:
+        if any(t.reads_from_replica for t in options.targets):
+            options.replica_url = start_replica(database, cleanup)
+        return run_everything(options, database, started, clock)
 
+
+def start_replica(database: Database, cleanup: contextlib.ExitStack) -> str:
+    """The read replica's URL: BENCH_DATABASE_READ_URL, or a streaming replica of the embedded
+    PostgreSQL (pg_basebackup -R, as `make run-replica` makes), stopped at the end."""
+    configured = os.environ.get("BENCH_DATABASE_READ_URL")
+    if configured:
+        return configured
+    if not database.embedded:
+        raise RuntimeError("service-replica: with BENCH_DATABASE_URL, set BENCH_DATABASE_READ_URL")
+    sys.path.insert(0, str(REPO))
+    from sqlalchemy.engine import make_url
+
+    from service.embedded import EmbeddedDatabase, start_embedded_replica
+
+    primary = EmbeddedDatabase(database.server, make_url(database.url), created=False)
+    replica = start_embedded_replica(primary, REPO / ".data" / "bench-postgres-replica")
+    cleanup.callback(replica.stop)
+    print("streaming replica started for service-replica", flush=True)
+    return replica.url.set(drivername="postgresql").render_as_string()
+
+
+def run_everything(
+    options: Options, database: Database, started: datetime.datetime, clock: float
+) -> int:
+    """Round trips, rounds, overload rounds and profiles; then the report."""
     print("counting round trips through the wire proxy ...", flush=True)
     try:
         counted = count_round_trips(database, options)

@@ -27,6 +27,7 @@ from service.config import (
     check_writes_are_protected,
     describe_database,
     load_settings,
+    read_replica_settings,
 )
 from service.db import (
     DatabaseUnavailable,
@@ -46,6 +47,7 @@ from service.idempotency import expire_keys_forever
 from service.logs import AccessLog
 from service.metrics import Metrics, get_metrics
 from service.middleware import ObserveRequests
+from service.replica import Replica
 from service.routes import create_items, delete_item, get_item, list_items, update_values
 from service.shutdown import drain_on_sigterm
 
@@ -76,6 +78,39 @@ def create_served_app() -> Litestar:
     return create_app(freeze_after_start=True)
 
 
+async def start_replica(settings: Settings, metrics: Metrics) -> Replica | None:
+    """The read replica's pool and health check, or None when DATABASE_READ_URL is unset.
+
+    Its first check runs before the app serves, so reads go to a healthy replica from the start.
+    """
+    replica_settings = read_replica_settings(settings)
+    if replica_settings is None:
+        return None
+    engine = create_engine(replica_settings, autocommit=not settings.db_pgbouncer)
+    sessions = SessionPool(
+        engine,
+        size=replica_settings.db_pool_size,
+        max_overflow=replica_settings.db_max_overflow,
+        timeout=settings.db_pool_timeout,
+        recycle_seconds=settings.db_pool_recycle,
+        idle_seconds=settings.db_pool_idle_timeout,
+        deadline_seconds=lease_deadline_seconds(settings),
+        transactional=settings.db_pgbouncer,
+        observe_wait=metrics.pool_wait.observe,
+    )
+    replica = Replica(
+        sessions,
+        replica_probe=create_probe_engine(replica_settings),
+        primary_probe=create_probe_engine(settings),
+        max_lag_seconds=settings.read_max_lag_ms / 1000,
+        consistency_wait_seconds=settings.read_consistency_wait_ms / 1000,
+    )
+    log.info("reads go to the replica %s", describe_database(engine.url))
+    await replica.check()
+    replica.start()
+    return replica
+
+
 def create_app(settings: Settings | None = None, *, freeze_after_start: bool = False) -> Litestar:
     """Build the app; with no settings, read them from the environment and `.env`."""
     settings = settings if settings is not None else load_settings()
@@ -85,6 +120,7 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
             "settings": settings,
             "token_digests": token_digests(settings.api_tokens),
             "draining": False,
+            "replica": None,
         }
     )
     metrics = Metrics(state)
@@ -108,6 +144,7 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
             transactional=settings.db_pgbouncer,
             observe_wait=metrics.pool_wait.observe,
         )
+        app.state.replica = await start_replica(settings, metrics)
         app.state.engine = engine
         app.state.sessions = sessions
         app.state.probe_engine = create_probe_engine(settings)
@@ -145,6 +182,8 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
             expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry
+            if app.state.replica is not None:
+                await app.state.replica.stop()
             await sessions.close()
             await engine.dispose()
             await app.state.probe_engine.dispose()

@@ -23,7 +23,7 @@ from service.config import (
     load_settings,
 )
 from service.db import create_engine
-from service.embedded import EmbeddedDatabase, start_embedded_database
+from service.embedded import EmbeddedDatabase, start_embedded_database, start_embedded_replica
 from service.errors import refusal_reason, refused_for_good
 from service.logs import configure_logging, logging_config
 from service.migrate import upgrade_to_head
@@ -47,7 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line, load the settings, run the command; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("serve", help="serve the HTTP API with uvicorn (the default)")
+    serve_parser = commands.add_parser(
+        "serve", help="serve the HTTP API with uvicorn (the default)"
+    )
+    serve_parser.add_argument(
+        "--replica",
+        action="store_true",
+        help="with the embedded database: start a streaming replica of it and read from it",
+    )
     commands.add_parser("migrate", help="apply the database migrations, then exit")
     seed_parser = commands.add_parser("seed", help="fill an empty table with demo rows, then exit")
     seed_parser.add_argument("--rows", type=int, required=True, help="how many rows (ids 1..N)")
@@ -68,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             return migrate(settings)
         if args.command == "seed":
             return seed(settings, args.rows, args.force)
-        return serve(settings)
+        return serve(settings, replica=getattr(args, "replica", False))
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -107,9 +114,15 @@ def seed(settings: Settings, rows: int, force: bool) -> int:
     return 0
 
 
-def serve(settings: Settings) -> int:
-    """Serve the API; on the embedded database, migrate and seed it first."""
+def serve(settings: Settings, replica: bool = False) -> int:
+    """Serve the API; on the embedded database, migrate and seed it first.
+
+    With `replica`, the embedded database gets a streaming replica, which serves the reads.
+    """
+    if replica and not settings.uses_embedded_database:
+        raise RuntimeError("--replica is for the embedded database; set DATABASE_READ_URL instead")
     settings, embedded = with_database(settings)
+    embedded_replica = None
     if embedded is not None:
         upgrade_to_head(settings)
         if embedded.created and asyncio.run(seed_embedded(settings)):
@@ -118,8 +131,24 @@ def serve(settings: Settings) -> int:
         os.environ["DATABASE_URL"] = embedded.url.render_as_string(hide_password=False)
         if settings.auth_disabled and not settings.api_tokens:
             os.environ["AUTH_DISABLED"] = "true"
+        if replica:
+            data_dir = settings.embedded_db_dir.with_name(
+                settings.embedded_db_dir.name + "-replica"
+            )
+            embedded_replica = start_embedded_replica(embedded, data_dir)
+            os.environ["DATABASE_READ_URL"] = embedded_replica.url.render_as_string()
     else:
         check_database(settings)
+    try:
+        run_uvicorn(settings)
+    finally:
+        if embedded_replica is not None:
+            embedded_replica.stop()
+    return 0
+
+
+def run_uvicorn(settings: Settings) -> None:
+    """uvicorn serving the app factory until it is stopped."""
     # uvicorn re-raises SIGTERM after its graceful shutdown, which would end the process with
     # status -15; a finished drain is a clean exit, so the re-raised signal lands here instead.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -137,7 +166,6 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
     )
-    return 0
 
 
 def check_database(settings: Settings) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_type_hints
 
@@ -64,6 +64,19 @@ class Settings:
     db_statement_timeout_ms: Annotated[int, Meta(ge=0)] = 5000
     # True behind a transaction-mode pooler (PgBouncer, Neon's -pooler hosts): no statement reuse.
     db_pgbouncer: bool = False
+    # A read replica for GET /items (None: every read on the primary); with the next four, from
+    # DATABASE_READ_URL or db_read_host, normalised as DATABASE_URL is.
+    database_read_url: URL | None = None
+    db_read_sslmode: SslMode | None = None
+    db_read_sslrootcert: str | None = None
+    db_read_channel_binding: ChannelBinding | None = None
+    db_read_application_name: str | None = None
+    # Connections kept open per process to the read replica (its overflow: DB_MAX_OVERFLOW).
+    db_read_pool_size: Annotated[int, Meta(ge=1)] = 10
+    # Milliseconds a read with a Consistency-Token waits for the replica before the primary.
+    read_consistency_wait_ms: Annotated[int, Meta(ge=0, le=60_000)] = 200
+    # Replay lag in milliseconds beyond which reads go to the primary until the replica catches up.
+    read_max_lag_ms: Annotated[int, Meta(ge=0)] = 5000
     # Bearer tokens accepted for writes (comma-separated in API_TOKENS).
     api_tokens: tuple[Annotated[str, Meta(min_length=16)], ...] = field(default=(), repr=False)
     # Writes open to anyone; must be asked for explicitly.
@@ -113,6 +126,8 @@ class NotebookKeys:
     db_name: str | None = None
     db_port: Annotated[int, Meta(ge=1, le=65535)] = 5432
     db_sslmode: SslMode | None = None
+    # The read replica's host; the other keys as for the primary.
+    db_read_host: str | None = None
 
 
 class UrlQuery(msgspec.Struct):
@@ -126,7 +141,11 @@ class UrlQuery(msgspec.Struct):
 
 # Query keys asyncpg takes as they are, so they stay in the URL.
 PASSTHROUGH_QUERY_KEYS = ("host", "port")
-URL_FIELDS = {"database_url", *(f"db_{key}" for key in UrlQuery.__struct_fields__)}
+URL_FIELDS = {
+    *("database_url", "database_read_url"),
+    *(f"db_{key}" for key in UrlQuery.__struct_fields__),
+    *(f"db_read_{key}" for key in UrlQuery.__struct_fields__),
+}
 ENVIRONMENT_FIELDS = {f.name for f in fields(Settings)} - URL_FIELDS
 NOTEBOOK_KEYS = {f.name for f in fields(NotebookKeys)}
 
@@ -148,6 +167,7 @@ def load_settings(
         if name in values:
             values[name] = BOOLEAN_WORDS.get(values[name].lower(), values[name])
     values.update(_database_fields(env))
+    values.update(_read_database_fields(env))
     return _convert(values, Settings, str.upper)
 
 
@@ -164,7 +184,27 @@ def check_writes_are_protected(settings: Settings) -> None:
         )
 
 
-def normalise_database_url(raw: str) -> dict[str, object]:
+def read_replica_settings(settings: Settings) -> Settings | None:
+    """The settings of the read replica's connections, or None when no replica is configured.
+
+    The same settings with the replica's URL, TLS and pool size, so its engine is built as the
+    primary's is.
+    """
+    if settings.database_read_url is None:
+        return None
+    return replace(
+        settings,
+        database_url=settings.database_read_url,
+        db_sslmode=settings.db_read_sslmode,
+        db_sslrootcert=settings.db_read_sslrootcert,
+        db_channel_binding=settings.db_read_channel_binding,
+        db_application_name=settings.db_read_application_name or settings.db_application_name,
+        db_pool_size=settings.db_read_pool_size,
+        database_read_url=None,
+    )
+
+
+def normalise_database_url(raw: str, key: str = "DATABASE_URL") -> dict[str, object]:
     """Turn any URL people paste (postgres://, postgresql://…?sslmode=require) into asyncpg form.
 
     Returns the Settings fields it determines; libpq-only query keys are lifted out of the URL
@@ -176,21 +216,19 @@ def normalise_database_url(raw: str) -> dict[str, object]:
         url = None
     if url is None or url.get_backend_name() not in ("postgres", "postgresql"):
         problem = f"not {url.drivername}://" if url else "not a URL"
-        raise SettingsError(
-            "DATABASE_URL", f"must be postgresql://user:password@host/db, {problem}"
-        )
+        raise SettingsError(key, f"must be postgresql://user:password@host/db, {problem}")
     if not url.database:
-        raise SettingsError("DATABASE_URL", "names no database (…/dbname)")
+        raise SettingsError(key, "names no database (…/dbname)")
     accepted = (*UrlQuery.__struct_fields__, *PASSTHROUGH_QUERY_KEYS)
     if unknown := sorted(set(url.query) - set(accepted)):
         problem = f"unsupported query parameter {unknown[0]!r} (accepted: {', '.join(accepted)})"
-        raise SettingsError("DATABASE_URL", problem)
+        raise SettingsError(key, problem)
     kept = {key: value for key, value in url.query.items() if key in PASSTHROUGH_QUERY_KEYS}
     # A repeated key counts once, with its last value, as in libpq.
     lifted = {
         k: v[-1] if isinstance(v, tuple) else v for k, v in url.query.items() if k not in kept
     }
-    query = _convert(lifted, UrlQuery, lambda name: f"DATABASE_URL {name}")
+    query = _convert(lifted, UrlQuery, lambda name: f"{key} {name}")
     fields = {f"db_{k}": v for k, v in msgspec.structs.asdict(query).items() if v is not None}
     return {"database_url": url.set(drivername="postgresql+asyncpg", query=kept), **fields}
 
@@ -204,7 +242,7 @@ def describe_database(url: URL) -> str:
 
 def _database_fields(env: Mapping[str, str]) -> dict[str, object]:
     """The database's Settings fields, from DATABASE_URL or the notebook's keys (not both)."""
-    given = sorted(key for key in env if key in NOTEBOOK_KEYS)
+    given = sorted(key for key in env if key in NOTEBOOK_KEYS - {"db_read_host"})
     if "database_url" in env:
         if given:
             raise SettingsError("DATABASE_URL", f"set either DATABASE_URL or {given[0]}…, not both")
@@ -223,6 +261,29 @@ def _database_fields(env: Mapping[str, str]) -> dict[str, object]:
         database=keys.db_name,
     )
     return {"database_url": url, "db_sslmode": keys.db_sslmode}
+
+
+def _read_database_fields(env: Mapping[str, str]) -> dict[str, object]:
+    """The read replica's Settings fields, from DATABASE_READ_URL or db_read_host (not both)."""
+    if "database_read_url" in env:
+        if "db_read_host" in env:
+            raise SettingsError("DATABASE_READ_URL", "set either it or db_read_host, not both")
+        fields = normalise_database_url(env["database_read_url"], "DATABASE_READ_URL")
+        return {
+            key.replace("database_", "database_read_").replace("db_", "db_read_"): value
+            for key, value in fields.items()
+        }
+    if "db_read_host" not in env:
+        return {}
+    primary = _database_fields(env)
+    if "db_host" not in env:
+        raise SettingsError("db_read_host", "is for the notebook's keys: set db_host and the rest")
+    url = primary["database_url"]
+    assert isinstance(url, URL)  # noqa: S101 (built from the notebook's keys above)
+    return {
+        "database_read_url": url.set(host=env["db_read_host"]),
+        "db_read_sslmode": primary["db_sslmode"],
+    }
 
 
 def _convert(values: Mapping[str, Any], type_: type[T], key_of: Callable[[str], str]) -> T:

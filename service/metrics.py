@@ -1,4 +1,5 @@
-"""Prometheus metrics: HTTP requests by route template and status, in-flight, the pool."""
+"""Prometheus metrics: HTTP requests by route template and status, in-flight, the pools, the
+read replica."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from service.db import SessionPool
+from service.replica import Replica
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -48,6 +50,42 @@ class PoolCollector(Collector):
             ),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+
+
+class ReplicaCollector(Collector):
+    """Reads by target and the replica's lag and health, when a read replica is configured."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        replica: Replica | None = self.state.get("replica")
+        if replica is None:
+            return
+        reads = CounterMetricFamily(
+            "db_reads",
+            "Reads by where they were served: replica; primary (the replica had not replayed "
+            "the Consistency-Token in time); fallback (the replica was down, lagging or failed).",
+            labels=("target",),
+        )
+        for target, count in replica.reads.items():
+            reads.add_metric([target], count)
+        yield reads
+        yield GaugeMetricFamily(
+            "db_replica_lag_seconds",
+            "Age of the oldest primary WAL position the replica has not replayed (last check).",
+            value=replica.lag_seconds,
+        )
+        yield GaugeMetricFamily(
+            "db_replica_healthy",
+            "1 while reads go to the replica, 0 while it is left aside.",
+            value=int(replica.healthy),
+        )
+        yield GaugeMetricFamily(
+            "db_read_pool_checked_out",
+            "Replica connections in use by requests.",
+            value=replica.sessions.checked_out,
+        )
 
 
 class LoopHistogram(Collector):
@@ -124,6 +162,7 @@ class Metrics:
         )
         self.registry.register(self.pool_wait)
         self.registry.register(PoolCollector(state))
+        self.registry.register(ReplicaCollector(state))
 
 
 @get("/metrics", include_in_schema=False, sync_to_thread=False)

@@ -23,6 +23,7 @@ from litestar.types import (
 from service.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_SECONDS, problem_document
 from service.logs import AccessLog
 from service.metrics import Metrics
+from service.replica import CONSISTENCY_STATE_KEY
 
 REQUEST_ID_HEADER = "x-request-id"
 # An incoming id is echoed only if it is short and plain, so it cannot forge log fields.
@@ -104,6 +105,10 @@ class ObserveRequests:
                     headers = message["headers"] = list(headers or ())
                 headers.append((b"x-content-type-options", b"nosniff"))
                 headers.append((b"x-request-id", request_id.encode()))
+                # A write's Consistency-Token (service.replica), when a read replica is set up.
+                token = scope["state"].get(CONSISTENCY_STATE_KEY)
+                if token is not None and status < 400:
+                    headers.append((b"consistency-token", token.encode()))
                 if self.state.draining:
                     # Shutting down: make clients open a new connection, which the load
                     # balancer sends to another pod, instead of reusing this one until it is

@@ -96,3 +96,12 @@ DELETE_EXPIRED_KEYS = text(
     "ORDER BY created_at LIMIT :batch FOR UPDATE SKIP LOCKED) RETURNING 1"
     ") SELECT count(*) AS deleted FROM deleted"
 ).columns(column("deleted", Integer))
+
+# The primary's WAL position as a number: after a commit, at or past the commit's record.
+SELECT_WAL_POSITION = text("SELECT CAST(pg_current_wal_lsn() - '0/0' AS int8)")
+
+# How far a replica has replayed the primary's WAL; on a server that is not a replica (a read
+# URL naming a primary, or a promoted replica), its own position: it has everything it wrote.
+SELECT_REPLAYED_POSITION = text(
+    "SELECT CAST(COALESCE(pg_last_wal_replay_lsn(), pg_current_wal_lsn()) - '0/0' AS int8)"
+)

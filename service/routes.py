@@ -15,12 +15,20 @@ from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy import Executable
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import queries
 from service.auth import WRITE_SECURITY, authorize_json_write, authorize_write
 from service.db import SessionPool, connection_was_lost, nothing_reached_server
 from service.errors import ProblemException, problem_document
 from service.idempotency import idempotency_key, write_once
+from service.replica import (
+    CONSISTENCY_HEADER,
+    CONSISTENCY_STATE_KEY,
+    Replica,
+    format_token,
+    wal_position,
+)
 from service.schemas import (
     INT4_MAX,
     CreatedItems,
@@ -119,7 +127,8 @@ async def create_items(
     key = idempotency_key(request)
     params = {"names": [item.name for item in data], "values": [item.value for item in data]}
     if key is not None:
-        return await write_once(request, key, queries.INSERT_ITEMS, params, _created_answer)
+        response = await write_once(request, key, queries.INSERT_ITEMS, params, _created_answer)
+        return await _with_token(request, response)
     return Response(_created(await _write(request, queries.INSERT_ITEMS, params)))
 
 
@@ -155,7 +164,8 @@ async def update_values(
     params = {"ids": ids, "values": [update.value for update in data]}
     if key is not None:
         answer = functools.partial(_updated_answer, updated=len(ids))
-        return await write_once(request, key, queries.UPDATE_ITEM_VALUES, params, answer)
+        response = await write_once(request, key, queries.UPDATE_ITEM_VALUES, params, answer)
+        return await _with_token(request, response)
     (missing,) = (await _write(request, queries.UPDATE_ITEM_VALUES, params))[0]
     if missing:
         raise ProblemException(404, MISSING_IDS, missing_ids=missing)
@@ -189,43 +199,88 @@ async def delete_item(request: Request[Any, Any, Any], item_id: FromPath[int]) -
 async def _read(
     request: Request[Any, Any, Any], statement: Executable, params: Mapping[str, object]
 ) -> Sequence[Any]:
-    """The rows of one read, on a leased session.
+    """The rows of one read, on the read replica when one is configured and may serve it."""
+    state = request.app.state
+    replica: Replica | None = state.replica
+    if replica is None:
+        return await _run_read(state.sessions, statement, params)
+    token = request.headers.get(CONSISTENCY_HEADER)
+    return await replica.read(state.sessions, token, _run_read, statement, params)
+
+
+async def _run_read(
+    sessions: SessionPool, statement: Executable, params: Mapping[str, object]
+) -> Sequence[Any]:
+    """A read on a leased session.
 
     A read whose connection turns out dead (the server ended idle sessions or restarted before
     the pool could notice) is sent once more on a fresh connection: it changed nothing and
     returned nothing yet.
     """
-    return await _run(request, statement, params, commit=False, retry_if=connection_was_lost)
+    return await _run(sessions, statement, params, commit=False, retry_if=connection_was_lost)
 
 
 async def _write(
     request: Request[Any, Any, Any], statement: Executable, params: Mapping[str, object]
 ) -> Sequence[Any]:
-    """The rows a write returns, committed; sent again only if it provably never left us."""
-    return await _run(request, statement, params, commit=True, retry_if=nothing_reached_server)
+    """The rows a write returns, committed; sent again only if it provably never left us.
+
+    With a read replica configured, the commit's Consistency-Token is left in the request's
+    state for the response's headers (service.middleware).
+    """
+    state = request.app.state
+    token_to = request.scope["state"] if state.replica is not None else None
+    return await _run(
+        state.sessions,
+        statement,
+        params,
+        commit=True,
+        retry_if=nothing_reached_server,
+        token_to=token_to,
+    )
 
 
 async def _run(
-    request: Request[Any, Any, Any],
+    sessions: SessionPool,
     statement: Executable,
     params: Mapping[str, object],
     *,
     commit: bool,
     retry_if: Callable[[BaseException], bool],
+    token_to: dict[str, Any] | None = None,
 ) -> Sequence[Any]:
-    sessions: SessionPool = request.app.state.sessions
     for attempt in (1, 2):
         try:
             async with sessions.lease() as session:
                 rows = (await session.execute(statement, params)).all()
                 if commit:
                     await session.commit()
+                    if token_to is not None:
+                        await _keep_token(session, token_to)
                 return rows
         except Exception as exc:
             if attempt == 2 or not retry_if(exc):
                 raise
             log.info("a pooled connection was found dead; the statement is sent again")
     raise AssertionError("unreachable")
+
+
+async def _with_token(request: Request[Any, Any, Any], response: Response[Any]) -> Response[Any]:
+    """A keyed write's answer, applied or replayed, with a Consistency-Token when a replica is
+    configured: the primary's WAL position now is at or past the commit that answer records."""
+    if request.app.state.replica is not None:
+        async with request.app.state.sessions.lease() as session:
+            await _keep_token(session, request.scope["state"])
+    return response
+
+
+async def _keep_token(session: AsyncSession, state: dict[str, Any]) -> None:
+    # One more round trip, paid only with a replica configured. The write is committed by now:
+    # if its position cannot be read, it is answered without a token rather than as a failure.
+    try:
+        state[CONSISTENCY_STATE_KEY] = format_token(await wal_position(session))
+    except Exception:
+        log.warning("a write's WAL position could not be read; no Consistency-Token", exc_info=True)
 
 
 def _check_batch_size(size: int, max_batch: int) -> None:

@@ -13,6 +13,7 @@ from service.config import (
     check_writes_are_protected,
     describe_database,
     load_settings,
+    read_replica_settings,
 )
 from service.db import engine_options, ssl_connect_arg
 
@@ -236,3 +237,67 @@ def test_statement_timeout_goes_to_the_server() -> None:
     # ...and the client waits a little longer, for when no answer can come at all.
     assert options["connect_args"]["command_timeout"] == 1.25
     assert options["pool_pre_ping"] is False
+
+
+def test_read_url_is_normalised_like_the_primary_one() -> None:
+    settings = settings_from(
+        {
+            "DATABASE_URL": "postgresql://u:p@ep-primary.neon.tech/app?sslmode=require",
+            "DATABASE_READ_URL": "postgres://u:p@ep-read.neon.tech/app?sslmode=verify-full"
+            "&application_name=reads",
+            "DB_READ_POOL_SIZE": "3",
+        }
+    )
+    replica = read_replica_settings(settings)
+    assert replica is not None and replica.database_url is not None
+    assert replica.database_url.drivername == "postgresql+asyncpg"
+    assert replica.database_url.host == "ep-read.neon.tech"
+    assert dict(replica.database_url.query) == {}
+    assert (replica.db_sslmode, replica.db_pool_size) == ("verify-full", 3)
+    assert replica.db_application_name == "reads"
+    # The primary keeps its own.
+    assert settings.db_sslmode == "require"
+    assert (
+        settings.database_url is not None and settings.database_url.host == "ep-primary.neon.tech"
+    )
+
+
+def test_no_read_url_means_no_replica() -> None:
+    settings = settings_from({"DATABASE_URL": "postgresql://u:p@h/app"})
+    assert read_replica_settings(settings) is None
+    assert (settings.read_consistency_wait_ms, settings.read_max_lag_ms) == (200, 5000)
+
+
+def test_notebook_read_host_sits_beside_the_other_keys() -> None:
+    settings = settings_from(
+        {
+            "db_username": "u",
+            "db_password": "p@ss",
+            "db_host": "primary",
+            "db_name": "d",
+            "db_sslmode": "require",
+            "db_read_host": "replica",
+        }
+    )
+    replica = read_replica_settings(settings)
+    assert replica is not None and replica.database_url is not None
+    assert (replica.database_url.host, replica.database_url.password) == ("replica", "p@ss")
+    assert replica.db_sslmode == "require"
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"DATABASE_READ_URL": "mysql://u:p@h/d"}, "DATABASE_READ_URL"),
+        (
+            {"DATABASE_READ_URL": "postgresql://u:p@h/d?sslmode=sometimes"},
+            "DATABASE_READ_URL sslmode",
+        ),
+        ({"DATABASE_URL": "postgresql://u:p@h/d", "db_read_host": "r"}, "db_read_host"),
+        ({"READ_CONSISTENCY_WAIT_MS": "-1"}, "READ_CONSISTENCY_WAIT_MS"),
+    ],
+)
+def test_bad_read_setting_names_its_key(env: dict[str, str], key: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        settings_from(env)
+    assert error.value.key == key

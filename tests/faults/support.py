@@ -151,6 +151,26 @@ class ControlledPostgres:
         server.start()
         return server
 
+    def create_replica(self) -> ControlledPostgres:
+        """A streaming replica of this (running) server: pg_basebackup -R, started hot standby.
+
+        The copy is taken over this server's unix socket, where initdb's pg_hba.conf trusts
+        replication connections; the replica then streams from that socket, and accepts the
+        same password over TCP on a port of its own.
+        """
+        root = Path(tempfile.mkdtemp(prefix="faults-replica-"))
+        _prepare_system_user(root)
+        replica = dataclasses.replace(self, root=root, port=free_port())
+        replica._run(
+            self.bin_dir / "pg_basebackup",
+            [
+                *("-h", str(self.root), "-p", str(self.port), "-U", "postgres"),
+                *("-D", str(replica.data_dir), "-R", "--checkpoint=fast", "--no-sync"),
+            ],
+        )
+        replica.start()
+        return replica
+
     def url(
         self, database: str = "postgres", password: str | None = None, host: str = "127.0.0.1"
     ) -> URL:

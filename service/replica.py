@@ -1,0 +1,209 @@
+"""Reads on a streaming read replica: routing, the Consistency-Token, the replica's health.
+
+A write answers with a Consistency-Token: the primary's WAL position once its commit is done. A
+read that sends it is served by the replica only once the replica has replayed that position,
+so it sees the write; otherwise, after waiting up to READ_CONSISTENCY_WAIT_MS, by the primary. A
+read without a token is served by the replica as it is. A replica that is down, unreachable or
+lagging more than READ_MAX_LAG_MS is left aside, and every read goes to the primary, until a
+background check (once a second) finds it healthy again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Executable
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from service.db import DatabaseUnavailable, SessionPool, connection_was_lost
+from service.errors import ProblemException
+from service.queries import SELECT_REPLAYED_POSITION, SELECT_WAL_POSITION
+
+log = logging.getLogger("service.replica")
+
+CONSISTENCY_HEADER = "consistency-token"
+# Where a write leaves its token in the request's scope state, for the response's headers.
+CONSISTENCY_STATE_KEY = "consistency_token"
+# A token is the WAL position as 16 hex digits: opaque to clients, cheap to check here.
+TOKEN_PATTERN = re.compile(r"[0-9a-f]{16}")
+CHECK_INTERVAL_SECONDS = 1.0
+CHECK_TIMEOUT_SECONDS = 1.0
+# How often a read with a token asks the replica how far it has replayed: the first time at
+# once, then after 2 ms, doubling up to 20 ms.
+FIRST_POLL_SECONDS, LONGEST_POLL_SECONDS = 0.002, 0.02
+# Samples of the primary's position kept for the lag: ten minutes at one a second.
+POSITION_SAMPLES = 600
+TARGETS = ("replica", "primary", "fallback")
+
+RunRead = Callable[[SessionPool, Executable, Mapping[str, object]], Awaitable[Sequence[Any]]]
+
+
+def format_token(position: int) -> str:
+    """The Consistency-Token for a WAL position."""
+    return f"{position:016x}"
+
+
+def parse_token(raw: str) -> int:
+    """The WAL position in a Consistency-Token header; a malformed token is a 400."""
+    if not TOKEN_PATTERN.fullmatch(raw):
+        raise ProblemException(
+            400,
+            "the Consistency-Token header is malformed: send back the one a write answered with",
+            errors=[{"message": "malformed token", "key": "Consistency-Token", "source": "header"}],
+        )
+    return int(raw, 16)
+
+
+async def wal_position(session: AsyncSession) -> int:
+    """The primary's WAL position now: after a commit, at or past that commit's record."""
+    return int((await session.execute(SELECT_WAL_POSITION)).scalar_one())
+
+
+class Replica:
+    """The read replica's session pool and what this process knows of its health."""
+
+    def __init__(
+        self,
+        sessions: SessionPool,
+        *,
+        replica_probe: AsyncEngine,
+        primary_probe: AsyncEngine,
+        max_lag_seconds: float,
+        consistency_wait_seconds: float,
+    ) -> None:
+        self.sessions = sessions
+        self.replica_probe = replica_probe
+        self.primary_probe = primary_probe
+        self.max_lag_seconds = max_lag_seconds
+        self.consistency_wait_seconds = consistency_wait_seconds
+        # Unhealthy until the first check has seen it answer.
+        self.healthy = False
+        self.replayed = 0  # the WAL position the replica was last seen to have replayed
+        self.lag_seconds = float("nan")
+        self.reads = dict.fromkeys(TARGETS, 0)
+        # (when, position) of the primary, oldest first: the lag is the age of the oldest
+        # position the replica has not replayed yet, which needs no clock shared by the servers.
+        self._positions: collections.deque[tuple[float, int]] = collections.deque(
+            maxlen=POSITION_SAMPLES
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def read(
+        self,
+        primary: SessionPool,
+        token: str | None,
+        run: RunRead,
+        statement: Executable,
+        params: Mapping[str, object],
+    ) -> Sequence[Any]:
+        """The rows of a read, from the replica when it may serve it, else from the primary."""
+        position = 0 if token is None else parse_token(token)
+        if not self.healthy:
+            self.reads["fallback"] += 1
+            return await run(primary, statement, params)
+        try:
+            if position <= self.replayed:
+                rows = await run(self.sessions, statement, params)
+                self.reads["replica"] += 1
+                return rows
+            async with self.sessions.lease() as session:
+                if await self._wait_for(session, position):
+                    rows = (await session.execute(statement, params)).all()
+                    self.reads["replica"] += 1
+                    return rows
+        except Exception as exc:
+            self._failed(exc)
+            self.reads["fallback"] += 1
+            return await run(primary, statement, params)
+        self.reads["primary"] += 1
+        return await run(primary, statement, params)
+
+    async def _wait_for(self, session: AsyncSession, position: int) -> bool:
+        """Ask the replica until it has replayed `position` (True) or the wait is over (False)."""
+        deadline = time.monotonic() + self.consistency_wait_seconds
+        pause = FIRST_POLL_SECONDS
+        while True:
+            replayed = int((await session.execute(SELECT_REPLAYED_POSITION)).scalar_one())
+            self.replayed = max(self.replayed, replayed)
+            if replayed >= position:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, LONGEST_POLL_SECONDS)
+
+    def _failed(self, exc: Exception) -> None:
+        # A lost or refused connection: leave the replica aside until the next check finds it
+        # answering. Anything else (a conflict with recovery, a busy pool) concerns one read.
+        if isinstance(exc, DatabaseUnavailable) or connection_was_lost(exc):
+            if self.healthy:
+                log.warning("the read replica failed (%s); reads go to the primary", exc)
+            self.healthy = False
+        else:
+            log.info("a read failed on the replica (%s); it is served by the primary", exc)
+
+    def start(self) -> None:
+        """Start the background health check."""
+        self._task = asyncio.create_task(self._check_forever(), name="replica-health")
+
+    async def stop(self) -> None:
+        """Stop the health check and close the replica's connections."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.sessions.close()
+        for engine in (self.sessions.engine, self.replica_probe, self.primary_probe):
+            await engine.dispose()
+
+    async def _check_forever(self) -> None:
+        while True:
+            await self.check()
+            await asyncio.sleep(CHECK_INTERVAL_SECONDS)
+
+    async def check(self) -> None:
+        """One health check: the primary's position, then how far the replica has replayed."""
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
+                primary = await _position(self.primary_probe, SELECT_WAL_POSITION)
+            self._positions.append((time.monotonic(), primary))
+        except Exception:  # noqa: S110 (the primary's own failures are the requests' to report)
+            pass  # no new sample: the lag is judged on what the primary last wrote
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
+                replayed = await _position(self.replica_probe, SELECT_REPLAYED_POSITION)
+        except Exception as exc:
+            if self.healthy:
+                log.warning("the read replica does not answer (%r); reads go to the primary", exc)
+            self.healthy = False
+            return
+        # Assigned, not raised: a replica that restarted may show less than before.
+        self.replayed = replayed
+        positions = self._positions
+        while positions and positions[0][1] <= replayed:
+            positions.popleft()
+        self.lag_seconds = time.monotonic() - positions[0][0] if positions else 0.0
+        healthy = self.lag_seconds <= self.max_lag_seconds
+        if healthy != self.healthy:
+            if healthy:
+                log.info(
+                    "the read replica is healthy (lag %.3f s); reads go to it", self.lag_seconds
+                )
+            else:
+                log.warning(
+                    "the read replica lags %.1f s behind; reads go to the primary", self.lag_seconds
+                )
+        self.healthy = healthy
+
+
+async def _position(engine: AsyncEngine, statement: Executable) -> int:
+    async with engine.connect() as connection:
+        return int((await connection.execute(statement)).scalar_one())

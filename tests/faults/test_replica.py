@@ -1,0 +1,335 @@
+"""Fault 9: reads on a streaming read replica (DATABASE_READ_URL), and its failures.
+
+A primary and a streaming replica of it (pg_basebackup -R), both real servers of this module's
+own. Reads go to the replica; a read with a write's Consistency-Token sees that write even while
+the replica's replay is paused; the replica stopped under load costs no read an error; the
+primary stopped leaves token-less reads answered by the replica and writes 503 + Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy.engine import URL
+
+from service.config import Settings
+from service.migrate import upgrade_to_head
+from tests.conftest import AUTH, asyncpg_dsn, fresh_database, run_service, service_environment
+from tests.faults.report import record, status_counts
+from tests.faults.support import ControlledPostgres, Outcome, run_until, seed_rows, send
+
+pytestmark = pytest.mark.slow
+
+ROWS = 100
+WORKERS = 4
+POOL_TIMEOUT = 2.0
+CATCH_UP_SECONDS = 15.0
+# The service's sessions whose last statement was one of its reads.
+READ_POOL_SESSIONS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+    "'playing-with-neon-service' AND query LIKE 'SELECT id, name%'"
+)
+
+
+@dataclasses.dataclass
+class Replicated:
+    """A migrated database on the primary, and the same database on its streaming replica."""
+
+    primary: ControlledPostgres
+    replica: ControlledPostgres
+    url: URL
+    replica_url: URL
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[tuple[ControlledPostgres, ControlledPostgres]]:
+    """A primary and its streaming replica, for this module alone (its tests stop both)."""
+    primary = ControlledPostgres.create()
+    try:
+        replica = primary.create_replica()
+        try:
+            yield primary, replica
+        finally:
+            replica.destroy()
+    finally:
+        primary.destroy()
+
+
+@pytest.fixture
+async def replicated(
+    servers: tuple[ControlledPostgres, ControlledPostgres],
+) -> AsyncIterator[Replicated]:
+    """A fresh migrated database with ROWS rows, replayed on the replica; both servers run again
+    afterwards and the replica replays."""
+    primary, replica = servers
+    for server in servers:
+        if not server.is_running():
+            server.start()
+    async with fresh_database(primary.url(), prefix="replica") as url:
+        await asyncio.to_thread(upgrade_to_head, Settings(database_url=url, auth_disabled=True))
+        await seed_rows(url, ROWS)
+        setup = Replicated(primary, replica, url, replica.url(url.database or ""))
+        await caught_up(setup)
+        try:
+            yield setup
+        finally:
+            for server in servers:
+                if not server.is_running():
+                    server.start()
+            await on_replica(setup, "SELECT pg_wal_replay_resume()")
+
+
+async def on_replica(setup: Replicated, sql: str) -> Any:
+    """One statement on the replica, through a connection of the test's own."""
+    connection = await asyncpg.connect(asyncpg_dsn(setup.replica_url))
+    try:
+        return await connection.fetchval(sql)
+    finally:
+        await connection.close()
+
+
+async def caught_up(setup: Replicated) -> None:
+    """Wait until the replica has replayed everything the primary has written so far."""
+    primary = await asyncpg.connect(asyncpg_dsn(setup.url))
+    try:
+        position = await primary.fetchval("SELECT pg_current_wal_lsn()::text")
+    finally:
+        await primary.close()
+    deadline = time.monotonic() + CATCH_UP_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            if await on_replica(setup, f"SELECT pg_last_wal_replay_lsn() >= '{position}'::pg_lsn"):
+                return
+        except (OSError, asyncpg.PostgresError):
+            pass  # the database itself may not be replayed yet, or the replica is starting
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the replica did not replay {position} within {CATCH_UP_SECONDS} s")
+
+
+def environment(setup: Replicated, **overrides: str) -> dict[str, str]:
+    return service_environment(
+        setup.url,
+        DATABASE_READ_URL=setup.replica_url.render_as_string(hide_password=False),
+        DB_POOL_TIMEOUT=str(POOL_TIMEOUT),
+        DB_POOL_SIZE="4",
+        DB_READ_POOL_SIZE="4",
+        SHUTDOWN_DELAY_SECONDS="0",
+        **overrides,
+    )
+
+
+async def reads_by_target(client: httpx.AsyncClient) -> dict[str, float]:
+    """The service's db_reads_total counters, by target."""
+    text = (await client.get("/metrics")).text
+    found = re.findall(r'^db_reads_total\{target="(\w+)"\} (\S+)$', text, re.MULTILINE)
+    return {target: float(value) for target, value in found}
+
+
+async def value_of(client: httpx.AsyncClient, item_id: int, token: str | None = None) -> float:
+    headers = {"Consistency-Token": token} if token is not None else {}
+    response = await client.get(f"/items/{item_id}", headers=headers)
+    assert response.status_code == 200, response.text
+    return float(response.json()["value"])
+
+
+async def test_reads_are_served_by_the_replica(replicated: Replicated, tmp_path: Path) -> None:
+    with run_service(environment(replicated), tmp_path) as service:
+        async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
+            for item_id in range(1, 21):
+                assert await value_of(client, item_id) == 0.0
+            page = await client.get("/items?limit=5")
+            assert [item["id"] for item in page.json()["items"]] == [1, 2, 3, 4, 5]
+            reads = await reads_by_target(client)
+            write = await client.patch("/items", json=[{"id": 1, "value": 1.5}], headers=AUTH)
+            malformed = await client.get("/items/1", headers={"Consistency-Token": "0/16B3"})
+            on_replica_count = await on_replica(replicated, READ_POOL_SESSIONS)
+            primary = await asyncpg.connect(asyncpg_dsn(replicated.url))
+            try:
+                on_primary_count = await primary.fetchval(READ_POOL_SESSIONS)
+            finally:
+                await primary.close()
+    assert reads == {"replica": 21, "primary": 0, "fallback": 0}
+    assert write.status_code == 200
+    assert re.fullmatch(r"[0-9a-f]{16}", write.headers["consistency-token"])
+    assert malformed.status_code == 400
+    assert malformed.headers["content-type"].startswith("application/problem+json")
+    # The replica's own view: the service's read pool ran the reads there, not on the primary.
+    assert on_replica_count >= 1
+    assert on_primary_count == 0
+    record(
+        "Fault 9",
+        "Read replica configured (DATABASE_READ_URL, a streaming replica): 21 reads, a write, "
+        "a malformed Consistency-Token",
+        23,
+        {200: 22, 400: 1},
+        "every read served by the replica (its pg_stat_activity shows the read pool's SELECTs, "
+        "the primary's none); the write answered a Consistency-Token; the malformed token 400",
+    )
+
+
+async def test_a_token_read_sees_the_write_while_replay_is_paused(
+    replicated: Replicated, tmp_path: Path
+) -> None:
+    # The paused replica falls behind; a generous lag limit keeps it serving token-less reads.
+    env = environment(replicated, READ_MAX_LAG_MS="60000", READ_CONSISTENCY_WAIT_MS="200")
+    with run_service(env, tmp_path) as service:
+        async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
+            await on_replica(replicated, "SELECT pg_wal_replay_pause()")
+            write = await client.patch("/items", json=[{"id": 7, "value": 42.0}], headers=AUTH)
+            assert write.status_code == 200, write.text
+            token = write.headers["consistency-token"]
+            before = await reads_by_target(client)
+            started = time.monotonic()
+            with_token = await value_of(client, 7, token)
+            waited = time.monotonic() - started
+            without_token = await value_of(client, 7)
+            paused = await reads_by_target(client)
+            await on_replica(replicated, "SELECT pg_wal_replay_resume()")
+            await caught_up(replicated)
+            after_resume = await value_of(client, 7, token)
+            resumed = await reads_by_target(client)
+    assert with_token == 42.0, "a read with the write's token saw an older value"
+    assert waited >= 0.2, waited  # it waited for the replica before asking the primary
+    assert without_token == 0.0, "a token-less read should be served by the paused replica"
+    assert paused["primary"] - before["primary"] == 1
+    assert paused["replica"] - before["replica"] == 1
+    assert after_resume == 42.0
+    assert resumed["replica"] - paused["replica"] == 1, "served by the replica once it replayed"
+    assert resumed["primary"] == paused["primary"]
+    record(
+        "Fault 9",
+        "Replica replay paused (pg_wal_replay_pause), then a PATCH; reads with and without its "
+        "Consistency-Token; replay resumed",
+        4,
+        {200: 4},
+        f"the token read saw the new value from the primary after {waited * 1000:.0f} ms "
+        "(READ_CONSISTENCY_WAIT_MS=200); the token-less read the old value from the replica; "
+        "after the resume the token read was served by the replica",
+    )
+
+
+async def test_replica_stopped_under_load_costs_no_read(
+    replicated: Replicated, tmp_path: Path
+) -> None:
+    with run_service(environment(replicated), tmp_path) as service:
+        async with httpx.AsyncClient(
+            base_url=service.base_url, timeout=POOL_TIMEOUT + 10
+        ) as client:
+
+            async def one_request(worker: int, sequence: int) -> Outcome:
+                item_id = (worker * 31 + sequence) % ROWS + 1
+                if sequence % 2:
+                    return await send(client, "read", "GET", f"/items/{item_id}")
+                return await send(client, "read", "GET", f"/items?limit=10&after_id={item_id}")
+
+            stop = asyncio.Event()
+            load = asyncio.create_task(run_until(stop, WORKERS, one_request, 20_000, pause=0.005))
+            await asyncio.sleep(1.5)
+            stopping_at = time.monotonic()
+            await asyncio.to_thread(replicated.replica.stop, "fast")
+            stopped_at = time.monotonic()
+            await asyncio.sleep(1.5)
+            ready_while_down = (await client.get("/readyz")).status_code
+            fallback_while_down = await reads_by_target(client)
+            await asyncio.sleep(1.5)
+            starting_at = time.monotonic()
+            await asyncio.to_thread(replicated.replica.start)
+            up_at = time.monotonic()
+            back_at = None
+            replica_reads = (await reads_by_target(client))["replica"]
+            while time.monotonic() - up_at < 15:
+                await asyncio.sleep(0.05)
+                now = (await reads_by_target(client))["replica"]
+                if now > replica_reads:
+                    back_at = time.monotonic()
+                    break
+            await asyncio.sleep(0.5)
+            stop.set()
+            outcomes = await load
+            final = await reads_by_target(client)
+        assert service.process.poll() is None
+    errors = [(o.status, o.error, o.body) for o in outcomes if o.status != 200]
+    assert errors == [], errors[:5]
+    assert ready_while_down == 200, "replica trouble must not make the service unready"
+    assert fallback_while_down["fallback"] > 0
+    assert back_at is not None, "reads never returned to the replica"
+    during = [
+        o for o in outcomes if o.started >= stopped_at and o.started + o.elapsed < starting_at
+    ]
+    assert len(during) >= 20, len(during)
+    around = [o for o in outcomes if stopping_at - 1 <= o.started <= starting_at]
+    slowest = max(o.elapsed for o in around)
+    record(
+        "Fault 9",
+        f"Read replica stopped (pg_ctl stop -m fast) for 3 s under {WORKERS} reading clients, "
+        "then started again",
+        len(outcomes),
+        status_counts(o.status for o in outcomes),
+        f"0 read errors: {final['fallback']:.0f} reads served by the primary as a fallback "
+        f"({len(during)} while the replica was down), slowest read around the stop "
+        f"{slowest * 1000:.0f} ms; /readyz 200 throughout; reads back on the replica "
+        f"{back_at - up_at:.2f} s after it was up",
+        back_at - up_at,
+    )
+
+
+async def test_primary_stopped_reads_from_replica_writes_503(
+    replicated: Replicated, tmp_path: Path
+) -> None:
+    with run_service(environment(replicated), tmp_path) as service:
+        async with httpx.AsyncClient(
+            base_url=service.base_url, timeout=POOL_TIMEOUT + 10
+        ) as client:
+            assert await value_of(client, 3) == 0.0
+            await asyncio.to_thread(replicated.primary.stop, "fast")
+            outcomes: list[Outcome] = []
+            deadline = time.monotonic() + 2.0
+            sequence = 0
+            while time.monotonic() < deadline:
+                sequence += 1
+                outcomes.append(await send(client, "read", "GET", f"/items/{sequence % ROWS + 1}"))
+                outcomes.append(await send(client, "read", "GET", "/items?limit=3"))
+                batch = [{"id": sequence % ROWS + 1, "value": 2.0}]
+                outcomes.append(
+                    await send(client, "write", "PATCH", "/items", json=batch, headers=AUTH)
+                )
+            ready_while_down = (await client.get("/readyz")).status_code
+            await asyncio.to_thread(replicated.primary.start)
+            up_at = time.monotonic()
+            first_write = None
+            while time.monotonic() - up_at < 10:
+                response = await client.patch(
+                    "/items", json=[{"id": 1, "value": 3.0}], headers=AUTH
+                )
+                if response.status_code == 200:
+                    first_write = time.monotonic() - up_at
+                    break
+                await asyncio.sleep(0.05)
+    reads = [o for o in outcomes if o.label == "read"]
+    writes = [o for o in outcomes if o.label == "write"]
+    assert reads and all(o.status == 200 for o in reads), {(o.status, o.body) for o in reads}
+    assert writes and all(o.status == 503 and o.retry_after for o in writes), {
+        (o.status, o.body) for o in writes
+    }
+    assert ready_while_down == 503
+    assert first_write is not None and first_write <= 2.0, first_write
+    record(
+        "Fault 9",
+        "Primary stopped (pg_ctl stop -m fast) for 2 s with the replica up: token-less reads "
+        "and PATCHes, then the primary started again",
+        len(outcomes) + 1,
+        status_counts([*(o.status for o in outcomes), 200]),
+        f"{len(reads)} reads all 200 from the replica; {len(writes)} writes all 503 with "
+        f"Retry-After; /readyz 503 (it follows the primary); the first write after the restart "
+        f"succeeded {first_write:.2f} s after the primary was up",
+        first_write,
+    )
