@@ -197,6 +197,15 @@ async def test_a_token_read_sees_the_write_while_replay_is_paused(
             await caught_up(replicated)
             after_resume = await value_of(client, 7, token)
             resumed = await reads_by_target(client)
+            # A keyed write carries a token too, applied and replayed, and its token works alike.
+            keyed_headers = {**AUTH, "Idempotency-Key": "replica-test-key"}
+            await on_replica(replicated, "SELECT pg_wal_replay_pause()")
+            keyed = [
+                await client.patch("/items", json=[{"id": 8, "value": 43.0}], headers=keyed_headers)
+                for _ in range(2)
+            ]
+            keyed_read = await value_of(client, 8, keyed[1].headers["consistency-token"])
+            await on_replica(replicated, "SELECT pg_wal_replay_resume()")
     assert with_token == 42.0, "a read with the write's token saw an older value"
     assert waited >= 0.2, waited  # it waited for the replica before asking the primary
     assert without_token == 0.0, "a token-less read should be served by the paused replica"
@@ -205,6 +214,10 @@ async def test_a_token_read_sees_the_write_while_replay_is_paused(
     assert after_resume == 42.0
     assert resumed["replica"] - paused["replica"] == 1, "served by the replica once it replayed"
     assert resumed["primary"] == paused["primary"]
+    assert [k.status_code for k in keyed] == [200, 200]
+    assert keyed[1].headers["idempotent-replayed"] == "true"
+    assert all(re.fullmatch(r"[0-9a-f]{16}", k.headers["consistency-token"]) for k in keyed)
+    assert keyed_read == 43.0, "a read with a keyed write's token saw an older value"
     record(
         "Fault 9",
         "Replica replay paused (pg_wal_replay_pause), then a PATCH; reads with and without its "
