@@ -141,3 +141,29 @@ def test_serving_a_database_not_there_yet_answers_503_and_logs_one_line_per_fail
     failure_line = f"database unavailable (127.0.0.1:{port}/items): connection refused"
     assert log.count(failure_line) == 1, log  # 20 failed requests, one line
     assert "Traceback" not in log and "Hunter2Hunter2" not in log
+
+
+def test_make_run_replica_serves_reads_from_an_embedded_streaming_replica(
+    tmp_path: Path, embedded_db_dir: Path
+) -> None:
+    """`make run-replica`: the embedded primary plus a streaming replica of it, reads on the
+    replica, a write's Consistency-Token honoured; both servers end with the service."""
+    env = service_environment(None, API_TOKENS="", EMBEDDED_DB_DIR=str(embedded_db_dir))
+    with (
+        run_service(env, tmp_path, args=("serve", "--replica")) as service,
+        httpx.Client(base_url=service.base_url, timeout=10) as http,
+    ):
+        written = http.patch("/items", json=[{"id": 12, "value": 77.5}])
+        assert written.status_code == 200, written.text
+        token = written.headers["consistency-token"]
+        read = http.get("/items/12", headers={"Consistency-Token": token})
+        assert read.json()["value"] == 77.5
+        for _ in range(20):  # token-less reads, on the replica once it has caught up
+            http.get("/items", params={"min_value": 23})
+        metrics = http.get("/metrics").text
+    served = [line for line in metrics.splitlines() if line.startswith("db_reads_total")]
+    replica_reads = sum(float(line.split()[-1]) for line in served if 'target="replica"' in line)
+    assert replica_reads >= 20, served
+    assert service.process.returncode == 0
+    log = service.log()
+    assert "Traceback" not in log
