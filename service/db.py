@@ -204,8 +204,30 @@ def nothing_reached_server(exc: BaseException) -> bool:
     return type(getattr(orig, "__cause__", None)) is asyncpg.InterfaceError
 
 
+# How often leases are checked against the deadline: a lease past it is aborted within this.
+DEADLINE_SWEEP_SECONDS = 0.1
+
+
 class PoolTimeout(PoolTimeoutError):
     """No session became free within DB_POOL_TIMEOUT (answered as 503)."""
+
+
+class LeasedSession(AsyncSession):
+    """The long-lived session of one pooled connection.
+
+    On the autocommit engine a statement has committed by the time it returns, so `commit()`
+    has nothing to send; when the session also holds no ORM objects to flush (the service only
+    runs `text()` statements), it returns at once instead of walking SQLAlchemy's transaction
+    bookkeeping, which cost a tenth of a batch's CPU on the connection's critical path. With
+    ORM changes pending, or on a transactional engine, it is SQLAlchemy's own commit.
+    """
+
+    autocommit = False
+
+    async def commit(self) -> None:
+        if self.autocommit and not (self.new or self.dirty or self.deleted):
+            return
+        await super().commit()
 
 
 class _Slot:
@@ -268,7 +290,15 @@ class SessionPool:
         self._idle = [_Slot(overflow=True) for _ in range(max_overflow)]
         self._idle += [_Slot(overflow=False) for _ in range(size)]
         self._slots = tuple(self._idle)
-        self._waiters: collections.deque[asyncio.Future[_Slot]] = collections.deque()
+        # Waiters in arrival order, each with the loop time at which it gives up. They all wait
+        # the same `timeout`, so the first one is always the next to expire: one timer, armed
+        # for it, serves them all (a timer per waiter cost a tenth of a read's CPU under load).
+        self._waiters: collections.deque[tuple[float, asyncio.Future[_Slot]]] = collections.deque()
+        self._waiter_expiry: asyncio.TimerHandle | None = None
+        # Leases running now; a sweep every DEADLINE_SWEEP_SECONDS aborts the ones past the
+        # deadline (again instead of a timer per request).
+        self._leases: set[_Lease] = set()
+        self._deadline_sweep: asyncio.TimerHandle | None = None
 
     def lease(self) -> _Lease:
         """`async with pool.lease() as session`: a session for one request.
@@ -312,6 +342,10 @@ class SessionPool:
 
     async def close(self) -> None:
         """Give every idle slot's connection back (the engine's dispose then closes them)."""
+        for timer in (self._waiter_expiry, self._deadline_sweep):
+            if timer is not None:
+                timer.cancel()
+        self._waiter_expiry = self._deadline_sweep = None
         for slot in self._idle:
             await self._discard(slot)
 
@@ -319,11 +353,12 @@ class SessionPool:
         if self._idle and not self._waiters:
             self.observe_wait(0.0)
             return self._idle.pop()
-        started = time.perf_counter()
         loop = asyncio.get_running_loop()
+        started = loop.time()
         waiter: asyncio.Future[_Slot] = loop.create_future()
-        self._waiters.append(waiter)
-        expiry = loop.call_later(self.timeout, _expire, waiter, self.timeout)
+        self._waiters.append((started + self.timeout, waiter))
+        if self._waiter_expiry is None:
+            self._waiter_expiry = loop.call_at(started + self.timeout, self._expire_waiters)
         try:
             slot = await waiter
         except BaseException:
@@ -331,19 +366,48 @@ class SessionPool:
                 self._release(waiter.result())  # handed over in the instant we were cancelled
             waiter.cancel()
             raise
-        finally:
-            expiry.cancel()
-        self.observe_wait(time.perf_counter() - started)
+        self.observe_wait(loop.time() - started)
         return slot
+
+    def _expire_waiters(self) -> None:
+        """Fail the waiters whose time is up (the oldest first), then wait for the next one."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        waiters = self._waiters
+        while waiters and (waiters[0][0] <= now or waiters[0][1].done()):
+            waiter = waiters.popleft()[1]
+            if not waiter.done():
+                waiter.set_exception(
+                    PoolTimeout(f"no database connection became free within {self.timeout:g} s")
+                )
+        self._waiter_expiry = loop.call_at(waiters[0][0], self._expire_waiters) if waiters else None
 
     def _release(self, slot: _Slot) -> None:
         slot.last_used = time.monotonic()
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter = self._waiters.popleft()[1]
             if not waiter.done():
                 waiter.set_result(slot)
                 return
         self._idle.append(slot)
+
+    def _watch(self, lease: _Lease) -> None:
+        """Keep `lease` under the deadline sweep until it ends."""
+        self._leases.add(lease)
+        if self._deadline_sweep is None:
+            loop = asyncio.get_running_loop()
+            self._deadline_sweep = loop.call_later(DEADLINE_SWEEP_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        """Abort the connections of leases past the deadline; run again while any is out."""
+        loop = asyncio.get_running_loop()
+        late = loop.time() - (self.deadline_seconds or 0.0)
+        for lease in [lease for lease in self._leases if lease.started <= late]:
+            self._leases.discard(lease)
+            lease.expire()
+        self._deadline_sweep = (
+            loop.call_later(DEADLINE_SWEEP_SECONDS, self._sweep) if self._leases else None
+        )
 
     def _stale(self, slot: _Slot) -> bool:
         # is_closed() is what asyncpg learnt from the socket (the server ended the session, or
@@ -357,7 +421,7 @@ class SessionPool:
             or now - slot.last_used > self.idle_seconds
         )
 
-    async def _connect(self, slot: _Slot) -> AsyncSession:
+    async def _connect(self, slot: _Slot) -> LeasedSession:
         try:
             connection = await self.engine.connect()
         except DatabaseUnavailable:
@@ -375,7 +439,8 @@ class SessionPool:
         slot.connection = connection
         slot.driver = raw.driver_connection
         slot.since = time.monotonic()
-        slot.session = AsyncSession(bind=connection, expire_on_commit=False)
+        slot.session = LeasedSession(bind=connection, expire_on_commit=False)
+        slot.session.autocommit = not self.transactional
         return slot.session
 
     async def _recover(self, slot: _Slot) -> None:
@@ -415,12 +480,12 @@ class SessionPool:
 class _Lease:
     """What `SessionPool.lease()` returns: a class, not a generator, to keep a request cheap."""
 
-    __slots__ = ("expired", "pool", "slot", "watchdog")
+    __slots__ = ("expired", "pool", "slot", "started")
 
     def __init__(self, pool: SessionPool) -> None:
         self.pool = pool
         self.slot: _Slot | None = None
-        self.watchdog: asyncio.TimerHandle | None = None
+        self.started = 0.0  # loop time the session was handed over
         self.expired = False
 
     async def __aenter__(self) -> AsyncSession:
@@ -435,14 +500,15 @@ class _Lease:
             pool._release(slot)
             raise
         if pool.deadline_seconds:
-            loop = asyncio.get_running_loop()
-            self.watchdog = loop.call_later(pool.deadline_seconds, self._expire, slot.driver)
+            self.started = asyncio.get_running_loop().time()
+            pool._watch(self)
         return session
 
-    def _expire(self, driver: Any) -> None:
-        # Aborting the socket wakes everything waiting on this connection at once.
+    def expire(self) -> None:
+        """Past the deadline: abort the connection, which wakes everything waiting on it."""
         self.expired = True
-        driver.terminate()
+        if self.slot is not None and self.slot.driver is not None:
+            self.slot.driver.terminate()
 
     async def __aexit__(
         self,
@@ -452,8 +518,7 @@ class _Lease:
     ) -> None:
         pool, slot = self.pool, self.slot
         assert slot is not None and slot.session is not None  # noqa: S101 (set on enter)
-        if self.watchdog is not None:
-            self.watchdog.cancel()
+        pool._leases.discard(self)
         try:
             if error is not None:
                 await pool._recover(slot)
@@ -470,10 +535,3 @@ class _Lease:
             raise DatabaseTimeout(
                 f"the database did not answer within {pool.deadline_seconds:g} s"
             ) from error
-
-
-def _expire(waiter: asyncio.Future[_Slot], timeout: float) -> None:
-    if not waiter.done():
-        waiter.set_exception(
-            PoolTimeout(f"no database connection became free within {timeout:g} s")
-        )

@@ -322,6 +322,11 @@ def _check_names(items: list[NewItem]) -> None:
 def _check_given_once(request: Request[Any, Any, Any], names: tuple[str, ...]) -> None:
     # Litestar silently keeps one of `?limit=1&limit=1000`; which one a proxy or cache in front
     # of us reads is anyone's guess, so an ambiguous query is refused instead.
+    raw: bytes = request.scope["query_string"]
+    if b"%" not in raw:  # no key can be disguised by percent-encoding: compare them raw
+        raw_keys = [part.partition(b"=")[0] for part in raw.split(b"&") if part]
+        if len(raw_keys) == len(set(raw_keys)):
+            return
     given = [key for key, _ in request.query_params.multi_items()]
     if len(given) == len(set(given)):
         return
