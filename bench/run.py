@@ -252,6 +252,8 @@ class Server:
         else:
             self.argv = [sys.executable, str(BENCH / "baseline.py")]
         self.env = env
+        self.database_url = database_url
+        self.replica_url = options.replica_url
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -261,6 +263,10 @@ class Server:
         return self.process.pid
 
     def __enter__(self) -> Server:
+        if self.replica_url is not None:
+            # The replica replays only while its own target runs: replaying every other round's
+            # writes would take CPU from whatever is being measured.
+            replay_on_replica(self.database_url, self.replica_url, self.target.reads_from_replica)
         with self.log_path.open("wb") as log:
             # The working directory holds no .env, so the service reads only what is set here.
             self.process = subprocess.Popen(
@@ -1246,6 +1252,32 @@ def main() -> int:
         if any(t.reads_from_replica for t in options.targets):
             options.replica_url = start_replica(database, cleanup)
         return run_everything(options, database, started, clock)
+
+
+def replay_on_replica(primary_url: str, replica_url: str, replay: bool) -> None:
+    """Pause the replica's WAL replay, or resume it and wait (60 s at most) until it caught up."""
+
+    async def switch() -> None:
+        replica = await asyncpg.connect(replica_url, timeout=10)
+        try:
+            if not replay:
+                await replica.execute("SELECT pg_wal_replay_pause()")
+                return
+            await replica.execute("SELECT pg_wal_replay_resume()")
+            primary = await asyncpg.connect(primary_url, timeout=10)
+            try:
+                target = await primary.fetchval("SELECT pg_current_wal_lsn()")
+            finally:
+                await primary.close()
+            for _ in range(600):
+                if await replica.fetchval("SELECT pg_last_wal_replay_lsn() >= $1", target):
+                    return
+                await asyncio.sleep(0.1)
+            raise RuntimeError("the bench's replica did not catch up within 60 s")
+        finally:
+            await replica.close()
+
+    asyncio.run(switch())
 
 
 def start_replica(database: Database, cleanup: contextlib.ExitStack) -> str:
