@@ -1257,25 +1257,31 @@ def main() -> int:
 def replay_on_replica(primary_url: str, replica_url: str, replay: bool) -> None:
     """Pause the replica's WAL replay, or resume it and wait (60 s at most) until it caught up."""
 
-    async def switch() -> None:
+    async def on_replica(query: str, *args: Any) -> Any:
+        # A connection of its own each time: replaying WAL that piled up during a pause can end
+        # the replica's sessions ("conflict with recovery").
         replica = await asyncpg.connect(replica_url, timeout=10)
         try:
-            if not replay:
-                await replica.execute("SELECT pg_wal_replay_pause()")
-                return
-            await replica.execute("SELECT pg_wal_replay_resume()")
-            primary = await asyncpg.connect(primary_url, timeout=10)
-            try:
-                target = await primary.fetchval("SELECT pg_current_wal_lsn()")
-            finally:
-                await primary.close()
-            for _ in range(600):
-                if await replica.fetchval("SELECT pg_last_wal_replay_lsn() >= $1", target):
-                    return
-                await asyncio.sleep(0.1)
-            raise RuntimeError("the bench's replica did not catch up within 60 s")
+            return await replica.fetchval(query, *args)
         finally:
             await replica.close()
+
+    async def switch() -> None:
+        if not replay:
+            await on_replica("SELECT pg_wal_replay_pause()")
+            return
+        await on_replica("SELECT pg_wal_replay_resume()")
+        primary = await asyncpg.connect(primary_url, timeout=10)
+        try:
+            target = await primary.fetchval("SELECT pg_current_wal_lsn()")
+        finally:
+            await primary.close()
+        for _ in range(300):
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                if await on_replica("SELECT pg_last_wal_replay_lsn() >= $1", target):
+                    return
+            await asyncio.sleep(0.2)
+        raise RuntimeError("the bench's replica did not catch up within 60 s")
 
     asyncio.run(switch())
 
