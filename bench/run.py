@@ -1258,13 +1258,21 @@ def replay_on_replica(primary_url: str, replica_url: str, replay: bool) -> None:
     """Pause the replica's WAL replay, or resume it and wait (60 s at most) until it caught up."""
 
     async def on_replica(query: str, *args: Any) -> Any:
-        # A connection of its own each time: replaying WAL that piled up during a pause can end
-        # the replica's sessions ("conflict with recovery").
-        replica = await asyncpg.connect(replica_url, timeout=10)
-        try:
-            return await replica.fetchval(query, *args)
-        finally:
-            await replica.close()
+        # A connection of its own each time, tried again on failure: replaying WAL that piled up
+        # during a pause can end the replica's sessions ("conflict with recovery").
+        for attempt in range(50):
+            try:
+                replica = await asyncpg.connect(replica_url, timeout=10)
+                try:
+                    return await replica.fetchval(query, *args)
+                finally:
+                    await replica.close()
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                    OSError):  # fmt: skip
+                if attempt == 49:
+                    raise
+                await asyncio.sleep(0.2)
+        return None
 
     async def switch() -> None:
         if not replay:
@@ -1277,9 +1285,8 @@ def replay_on_replica(primary_url: str, replica_url: str, replay: bool) -> None:
         finally:
             await primary.close()
         for _ in range(300):
-            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                if await on_replica("SELECT pg_last_wal_replay_lsn() >= $1", target):
-                    return
+            if await on_replica("SELECT pg_last_wal_replay_lsn() >= $1", target):
+                return
             await asyncio.sleep(0.2)
         raise RuntimeError("the bench's replica did not catch up within 60 s")
 
