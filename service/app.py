@@ -78,6 +78,27 @@ def create_served_app() -> Litestar:
     return create_app(freeze_after_start=True)
 
 
+def session_pool(settings: Settings, metrics: Metrics) -> SessionPool:
+    """Long-lived sessions on a new engine for `settings`' database (the primary's or the
+    replica's), with the configured pool size, waits, recycling and deadline.
+
+    Behind a transaction-mode pooler a statement must be prepared and run inside one transaction
+    (the pooler may switch server connections between transactions), so autocommit is for direct
+    connections only. Every write is one statement, so each is all or nothing either way.
+    """
+    return SessionPool(
+        create_engine(settings, autocommit=not settings.db_pgbouncer),
+        size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        timeout=settings.db_pool_timeout,
+        recycle_seconds=settings.db_pool_recycle,
+        idle_seconds=settings.db_pool_idle_timeout,
+        deadline_seconds=lease_deadline_seconds(settings),
+        transactional=settings.db_pgbouncer,
+        observe_wait=metrics.pool_wait.observe,
+    )
+
+
 async def start_replica(settings: Settings, metrics: Metrics) -> Replica | None:
     """The read replica's pool and health check, or None when DATABASE_READ_URL is unset.
 
@@ -86,18 +107,8 @@ async def start_replica(settings: Settings, metrics: Metrics) -> Replica | None:
     replica_settings = read_replica_settings(settings)
     if replica_settings is None:
         return None
-    engine = create_engine(replica_settings, autocommit=not settings.db_pgbouncer)
-    sessions = SessionPool(
-        engine,
-        size=replica_settings.db_pool_size,
-        max_overflow=replica_settings.db_max_overflow,
-        timeout=settings.db_pool_timeout,
-        recycle_seconds=settings.db_pool_recycle,
-        idle_seconds=settings.db_pool_idle_timeout,
-        deadline_seconds=lease_deadline_seconds(settings),
-        transactional=settings.db_pgbouncer,
-        observe_wait=metrics.pool_wait.observe,
-    )
+    sessions = session_pool(replica_settings, metrics)
+    engine = sessions.engine
     replica = Replica(
         sessions,
         replica_probe=create_probe_engine(replica_settings),
@@ -128,22 +139,8 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
 
     @asynccontextmanager
     async def engine_lifespan(app: Litestar) -> AsyncIterator[None]:
-        # Behind a transaction-mode pooler a statement must be prepared and run inside one
-        # transaction (the pooler may switch server connections between transactions), so
-        # autocommit is for direct connections only. Every write is one statement, so each is
-        # all or nothing either way.
-        engine = create_engine(settings, autocommit=not settings.db_pgbouncer)
-        sessions = SessionPool(
-            engine,
-            size=settings.db_pool_size,
-            max_overflow=settings.db_max_overflow,
-            timeout=settings.db_pool_timeout,
-            recycle_seconds=settings.db_pool_recycle,
-            idle_seconds=settings.db_pool_idle_timeout,
-            deadline_seconds=lease_deadline_seconds(settings),
-            transactional=settings.db_pgbouncer,
-            observe_wait=metrics.pool_wait.observe,
-        )
+        sessions = session_pool(settings, metrics)
+        engine = sessions.engine
         app.state.replica = await start_replica(settings, metrics)
         app.state.engine = engine
         app.state.sessions = sessions
