@@ -15,7 +15,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.app import create_app
-from service.config import Settings
+from service.config import Settings, describe_database
 from tests.conftest import (
     AUTH,
     LOCK_ROW,
@@ -86,7 +86,7 @@ async def test_a_missing_table_is_503_with_one_error_line(
     assert response.status_code == 503, response.text
     assert response.headers["retry-after"] == "1"
     assert response.headers["content-type"] == "application/problem+json"
-    where = f"{url.host or url.query['host']}/{url.database}"
+    where = describe_database(url)
     expected = (
         f"the database refuses the service's configuration ({where}): "
         "the table does not exist (run `python -m service migrate`)"
