@@ -13,6 +13,7 @@ import dataclasses
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -25,7 +26,7 @@ import asyncpg
 import httpx
 from sqlalchemy.engine import URL
 
-from tests.conftest import asyncpg_dsn, free_port
+from tests.conftest import asyncpg_dsn, free_port, run_service
 
 SYSTEM_USER = "pgserver"
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
@@ -494,3 +495,55 @@ async def run_until(
 
     await asyncio.gather(*(worker(n) for n in range(workers)))
     return outcomes
+
+
+# How long a load runs at most before the service is killed, if the wanted answers are late.
+KILL_AFTER_SECONDS = 5.0
+
+
+async def kill_during_load(
+    env: dict[str, str],
+    tmp_path: Path,
+    workers: int,
+    one_request: Callable[[httpx.AsyncClient], Awaitable[Outcome]],
+    enough: Callable[[], bool],
+) -> list[Outcome]:
+    """Start the service, send `one_request` from `workers` loops, and SIGKILL the service once
+    `enough()` holds after an answer (or after KILL_AFTER_SECONDS); the outcomes of all."""
+    enough_now = asyncio.Event()
+    with run_service(env, tmp_path) as service:
+        async with httpx.AsyncClient(base_url=service.base_url, timeout=30) as client:
+
+            async def request(worker: int, sequence: int) -> Outcome:
+                outcome = await one_request(client)
+                if enough():
+                    enough_now.set()
+                return outcome
+
+            stop = asyncio.Event()
+            load = asyncio.create_task(run_until(stop, workers, request, 100))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(enough_now.wait(), KILL_AFTER_SECONDS)
+            # No await between the kill and `stop`: no request starts after the kill.
+            os.kill(service.process.pid, signal.SIGKILL)
+            stop.set()
+            outcomes = await load
+            service.process.wait(timeout=10)
+    assert service.process.returncode == -signal.SIGKILL
+    return outcomes
+
+
+async def backends_gone(database: URL) -> None:
+    """Wait (15 s at most) until PostgreSQL has ended every session the killed service left."""
+    connection = await asyncpg.connect(asyncpg_dsn(database))
+    try:
+        for _ in range(150):
+            if not await connection.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'playing-with-neon-service'"
+            ):
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await connection.close()
+    raise AssertionError("the killed service's sessions never ended")

@@ -7,12 +7,8 @@ wholly there if it had been acknowledged.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
-import os
 import random
-import signal
 from pathlib import Path
 
 import asyncpg
@@ -22,7 +18,14 @@ from sqlalchemy.engine import URL
 
 from tests.conftest import AUTH, asyncpg_dsn, run_service, service_environment
 from tests.faults.report import record, status_counts
-from tests.faults.support import Outcome, fetch_values, run_until, seed_rows, send
+from tests.faults.support import (
+    Outcome,
+    backends_gone,
+    fetch_values,
+    kill_during_load,
+    seed_rows,
+    send,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -30,23 +33,6 @@ WORKERS = 8
 BATCH = 200
 ROUNDS = 3
 MAX_BATCHES = 500  # rows for the PATCH batches: one disjoint range of BATCH ids each
-KILL_AFTER_SECONDS = 5.0
-
-
-async def backends_gone(database: URL) -> None:
-    """Wait (15 s at most) until PostgreSQL has ended every session the killed service left."""
-    connection = await asyncpg.connect(asyncpg_dsn(database))
-    try:
-        for _ in range(150):
-            if not await connection.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND application_name = 'playing-with-neon-service'"
-            ):
-                return
-            await asyncio.sleep(0.1)
-    finally:
-        await connection.close()
-    raise AssertionError("the killed service's sessions never ended")
 
 
 class Batches:
@@ -74,33 +60,6 @@ class Batches:
             self.acknowledged.add(number)
         return outcome
 
-    async def kill_during_load(
-        self, env: dict[str, str], tmp_path: Path, acknowledgements: int
-    ) -> list[Outcome]:
-        """Start the service, load it, SIGKILL it after that many more acknowledgements."""
-        target = len(self.acknowledged) + acknowledgements
-        enough = asyncio.Event()
-        with run_service(env, tmp_path) as service:
-            async with httpx.AsyncClient(base_url=service.base_url, timeout=30) as client:
-
-                async def one_batch(worker: int, sequence: int) -> Outcome:
-                    outcome = await self.send_one(client)
-                    if len(self.acknowledged) >= target:
-                        enough.set()
-                    return outcome
-
-                stop = asyncio.Event()
-                load = asyncio.create_task(run_until(stop, WORKERS, one_batch, 100))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(enough.wait(), KILL_AFTER_SECONDS)
-                # No await between the kill and `stop`: no batch starts after the kill.
-                os.kill(service.process.pid, signal.SIGKILL)
-                stop.set()
-                outcomes = await load
-                service.process.wait(timeout=10)
-        assert service.process.returncode == -signal.SIGKILL
-        return outcomes
-
 
 async def test_sigkill_mid_batch_leaves_every_batch_whole_or_absent(
     fault_database: URL, tmp_path: Path
@@ -111,7 +70,14 @@ async def test_sigkill_mid_batch_leaves_every_batch_whole_or_absent(
     batches = Batches()
     outcomes: list[Outcome] = []
     for _ in range(ROUNDS):
-        outcomes += await batches.kill_during_load(env, tmp_path, rng.randint(5, 40))
+        target = len(batches.acknowledged) + rng.randint(5, 40)
+        outcomes += await kill_during_load(
+            env,
+            tmp_path,
+            WORKERS,
+            batches.send_one,
+            lambda t=target: len(batches.acknowledged) >= t,
+        )
         await backends_gone(fault_database)
     sent, acknowledged = batches.sent, batches.acknowledged
     in_flight = sorted(set(sent) - acknowledged)

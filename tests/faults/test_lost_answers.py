@@ -9,9 +9,7 @@ are in the table exactly once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
+import itertools
 import socket
 from pathlib import Path
 from typing import Any
@@ -24,8 +22,7 @@ from sqlalchemy.engine import URL
 
 from tests.conftest import TOKEN, asyncpg_dsn, run_service, service_environment
 from tests.faults.report import record, status_counts
-from tests.faults.support import Outcome, run_until, send
-from tests.faults.test_killed_service import backends_gone
+from tests.faults.support import Outcome, backends_gone, kill_during_load, send
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +30,6 @@ WORKERS = 8
 BATCH = 200
 ROUNDS = 3
 KILL_AFTER_ACKNOWLEDGED = 20
-KILL_AFTER_SECONDS = 5.0
 DROPPED = 5
 
 
@@ -75,7 +71,7 @@ async def retry_every_key(base_url: str, keys: list[str]) -> dict[str, httpx.Res
     return answers
 
 
-async def kill_during_load(
+async def kill_during_keyed_posts(
     env: dict[str, str],
     tmp_path: Path,
     round_number: int,
@@ -84,33 +80,19 @@ async def kill_during_load(
 ) -> list[Outcome]:
     """Start the service, send keyed POSTs from WORKERS clients, SIGKILL it mid-load."""
     target = len(acknowledged) + KILL_AFTER_ACKNOWLEDGED
-    enough = asyncio.Event()
-    with run_service(env, tmp_path) as service:
-        async with httpx.AsyncClient(base_url=service.base_url, timeout=30) as client:
+    keys = (f"killed-{round_number}-{n}" for n in itertools.count())
 
-            async def one_post(worker: int, sequence: int) -> Outcome:
-                key = f"killed-{round_number}-{worker}-{sequence}"
-                sent.append(key)
-                outcome = await send(
-                    client, "POST", "POST", "/items", json=batch(key), headers=keyed(key)
-                )
-                if outcome.status == 201:
-                    acknowledged[key] = outcome.body
-                    if len(acknowledged) >= target:
-                        enough.set()
-                return outcome
+    async def one_post(client: httpx.AsyncClient) -> Outcome:
+        key = next(keys)
+        sent.append(key)
+        outcome = await send(client, "POST", "POST", "/items", json=batch(key), headers=keyed(key))
+        if outcome.status == 201:
+            acknowledged[key] = outcome.body
+        return outcome
 
-            stop = asyncio.Event()
-            load = asyncio.create_task(run_until(stop, WORKERS, one_post, 100))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(enough.wait(), KILL_AFTER_SECONDS)
-            # No await between the kill and `stop`: no request starts after the kill.
-            os.kill(service.process.pid, signal.SIGKILL)
-            stop.set()
-            outcomes = await load
-            service.process.wait(timeout=10)
-    assert service.process.returncode == -signal.SIGKILL
-    return outcomes
+    return await kill_during_load(
+        env, tmp_path, WORKERS, one_post, lambda: len(acknowledged) >= target
+    )
 
 
 async def test_keyed_posts_in_flight_at_a_sigkill_are_applied_once_on_retry(
@@ -121,7 +103,7 @@ async def test_keyed_posts_in_flight_at_a_sigkill_are_applied_once_on_retry(
     acknowledged: dict[str, str] = {}  # key -> the body of its answer
     outcomes: list[Outcome] = []
     for round_number in range(ROUNDS):
-        outcomes += await kill_during_load(env, tmp_path, round_number, sent, acknowledged)
+        outcomes += await kill_during_keyed_posts(env, tmp_path, round_number, sent, acknowledged)
         await backends_gone(fault_database)
     assert all(o.status in (201, None) for o in outcomes), status_counts(o.status for o in outcomes)
     before_retry = await rows_per_key(fault_database)
