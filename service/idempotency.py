@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from litestar import Request, Response
+from litestar import Request
 from sqlalchemy import Executable
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -22,6 +22,7 @@ from service import queries
 from service.auth import token_digest
 from service.db import SessionPool, nothing_reached_server
 from service.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_SECONDS, ProblemException
+from service.responses import JSON_MEDIA_TYPE, JSONAnswer
 
 log = logging.getLogger("service.idempotency")
 
@@ -63,10 +64,10 @@ async def write_once(
     statement: Executable,
     params: Mapping[str, object],
     answer: Callable[[Sequence[Any]], Answer],
-) -> Response[Any]:
+) -> JSONAnswer:
     """Run the write and store `answer(rows)` under the key, or replay the answer stored there.
 
-    The answer is encoded already (`Response[Any]`, so a handler can return it as its own).
+    The answer is encoded already, so a handler can return it as its own.
 
     Sent once more, like any write, only if it provably never reached the server.
     """
@@ -104,7 +105,7 @@ async def _claimed_write(
     statement: Executable,
     params: Mapping[str, object],
     answer: Callable[[Sequence[Any]], Answer],
-) -> Response[bytes]:
+) -> JSONAnswer:
     if not (await session.execute(queries.TRY_LOCK, claim)).scalar():
         exc = ProblemException(
             409, "a request with this Idempotency-Key is still in progress; retry shortly"
@@ -125,12 +126,12 @@ async def _claimed_write(
     return _response(status, body, replayed=False)
 
 
-def _response(status: int, body: bytes, *, replayed: bool) -> Response[bytes]:
-    return Response(
+def _response(status: int, body: bytes, *, replayed: bool) -> JSONAnswer:
+    return JSONAnswer(
         body,
-        status_code=status,
-        media_type=PROBLEM_MEDIA_TYPE if status >= 400 else "application/json",
-        headers={REPLAYED_HEADER: "true"} if replayed else None,
+        status,
+        media_type=PROBLEM_MEDIA_TYPE.encode() if status >= 400 else JSON_MEDIA_TYPE,
+        headers=[(REPLAYED_HEADER.lower().encode(), b"true")] if replayed else (),
     )
 
 

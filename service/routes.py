@@ -7,10 +7,10 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from http import HTTPStatus
 from typing import Annotated, Any
 
-import msgspec
-from litestar import Request, Response, delete, get, patch, post
+from litestar import Request, delete, get, patch, post
 from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
@@ -29,6 +29,7 @@ from service.replica import (
     format_token,
     wal_position,
 )
+from service.responses import JSONAnswer, encode_json, json_answer
 from service.schemas import (
     INT4_MAX,
     CreatedItems,
@@ -44,12 +45,20 @@ from service.schemas import (
 
 log = logging.getLogger("service.routes")
 
-# Answers to writes sent with an Idempotency-Key are encoded here, to be stored as sent.
-encode_json = msgspec.json.Encoder().encode
-
 PROBLEM = ResponseSpec(
     Problem, description="Problem document", media_type="application/problem+json"
 )
+
+
+def answers(shape: type[Any], status: int = 200) -> dict[int, ResponseSpec]:
+    """The OpenAPI success response of a handler that returns a `JSONAnswer` of `shape`."""
+    return {
+        status: ResponseSpec(
+            shape, description=HTTPStatus(status).description, generate_examples=False
+        )
+    }
+
+
 READ_ERRORS = {400: PROBLEM, 503: PROBLEM}
 # 400 is listed explicitly: a malformed JSON body is answered as a problem document, and without
 # it the OpenAPI document would show Litestar's default (application/json) 400 instead.
@@ -69,7 +78,7 @@ WRITE_ERRORS = {
 }
 
 
-@get("/items", responses=READ_ERRORS)
+@get("/items", responses={**answers(ItemPage), **READ_ERRORS})
 async def list_items(
     request: Request[Any, Any, Any],
     min_value: Annotated[
@@ -79,7 +88,7 @@ async def list_items(
     after_id: Annotated[
         int, QueryParameter(ge=0, le=INT4_MAX, description="Keyset cursor: rows with a larger id.")
     ] = 0,
-) -> ItemPage:
+) -> JSONAnswer:
     """Rows in id order, optionally only those whose value is above `min_value`."""
     _check_given_once(request, ("min_value", "limit", "after_id"))
     params: dict[str, object] = {"after_id": after_id, "limit": limit}
@@ -90,11 +99,13 @@ async def list_items(
         params["value"] = min_value
         statement = queries.SELECT_ITEMS_ABOVE_VALUE
     items = [Item(*row) for row in await _read(request, statement, params)]
-    return ItemPage(items=items, next_after_id=items[-1].id if len(items) == limit else None)
+    return json_answer(
+        ItemPage(items=items, next_after_id=items[-1].id if len(items) == limit else None)
+    )
 
 
-@get("/items/{item_id:int}", responses={404: PROBLEM, 503: PROBLEM})
-async def get_item(request: Request[Any, Any, Any], item_id: FromPath[int]) -> Item:
+@get("/items/{item_id:int}", responses={**answers(Item), 404: PROBLEM, 503: PROBLEM})
+async def get_item(request: Request[Any, Any, Any], item_id: FromPath[int]) -> JSONAnswer:
     """One row by id."""
     rows = (
         await _read(request, queries.SELECT_ITEM, {"id": item_id})
@@ -103,14 +114,14 @@ async def get_item(request: Request[Any, Any, Any], item_id: FromPath[int]) -> I
     )
     if not rows:
         raise ProblemException(404, f"no item with id {item_id}")
-    return Item(*rows[0])
+    return json_answer(Item(*rows[0]))
 
 
 @post(
     "/items",
     before_request=authorize_json_write,
     security=WRITE_SECURITY,
-    responses={**WRITE_ERRORS, 409: PROBLEM},
+    responses={**answers(CreatedItems, 201), **WRITE_ERRORS, 409: PROBLEM},
     description=(
         "Inserts all rows in one statement, all or none; answers them with their new ids."
         f" {IDEMPOTENCY}"
@@ -120,7 +131,7 @@ async def get_item(request: Request[Any, Any, Any], item_id: FromPath[int]) -> I
 )
 async def create_items(
     request: Request[Any, Any, Any], data: JSONBody[list[NewItem]]
-) -> Response[CreatedItems]:
+) -> JSONAnswer:
     """Insert a batch of rows."""
     _check_batch_size(len(data), request.app.state.settings.max_batch)
     _check_names(data)
@@ -129,7 +140,7 @@ async def create_items(
     if key is not None:
         response = await write_once(request, key, queries.INSERT_ITEMS, params, _created_answer)
         return await _with_token(request, response)
-    return Response(_created(await _write(request, queries.INSERT_ITEMS, params)))
+    return json_answer(_created(await _write(request, queries.INSERT_ITEMS, params)), 201)
 
 
 def _created(rows: Sequence[Any]) -> CreatedItems:
@@ -144,7 +155,7 @@ def _created_answer(rows: Sequence[Any]) -> tuple[int, bytes]:
     "/items",
     before_request=authorize_json_write,
     security=WRITE_SECURITY,
-    responses={**WRITE_ERRORS, 404: PROBLEM, 409: PROBLEM},
+    responses={**answers(UpdateResult), **WRITE_ERRORS, 404: PROBLEM, 409: PROBLEM},
     description=(
         "Applies every new value in one transaction, all or nothing: if any id is missing,"
         f" nothing changes and the answer is 404 with `missing_ids`. {IDEMPOTENCY}"
@@ -154,7 +165,7 @@ def _created_answer(rows: Sequence[Any]) -> tuple[int, bytes]:
 )
 async def update_values(
     request: Request[Any, Any, Any], data: JSONBody[list[ValueUpdate]]
-) -> Response[UpdateResult]:
+) -> JSONAnswer:
     """Set new values on existing rows, as one batched UPDATE."""
     _check_batch_size(len(data), request.app.state.settings.max_batch)
     # No sorting here: the statement itself locks the rows in id order.
@@ -169,7 +180,7 @@ async def update_values(
     (missing,) = (await _write(request, queries.UPDATE_ITEM_VALUES, params))[0]
     if missing:
         raise ProblemException(404, MISSING_IDS, missing_ids=missing)
-    return Response(UpdateResult(updated=len(ids)))
+    return json_answer(UpdateResult(updated=len(ids)))
 
 
 def _updated_answer(rows: Sequence[Any], *, updated: int) -> tuple[int, bytes]:
@@ -265,7 +276,7 @@ async def _run(
     raise AssertionError("unreachable")
 
 
-async def _with_token(request: Request[Any, Any, Any], response: Response[Any]) -> Response[Any]:
+async def _with_token(request: Request[Any, Any, Any], response: JSONAnswer) -> JSONAnswer:
     """A keyed write's answer, applied or replayed, with a Consistency-Token when a replica is
     configured: the primary's WAL position now is at or past the commit that answer records."""
     if request.app.state.replica is not None:

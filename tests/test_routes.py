@@ -269,3 +269,30 @@ async def test_openapi_documents_every_operation(client: Client) -> None:
     assert "security" not in paths["/items"]["get"]
     assert schema["components"]["securitySchemes"]["BearerToken"]["scheme"] == "bearer"
     assert {"200", "401", "404", "422"} <= set(patch["responses"])
+
+
+async def test_openapi_names_the_shape_of_every_success_answer(client: Client) -> None:
+    # The item handlers return encoded answers (service.responses), so their success schemas
+    # come from each route's `responses`, not from a return annotation: check they are there.
+    paths = (await client.get("/schema/openapi.json")).json()["paths"]
+    expected = {
+        ("/items", "get", "200"): "ItemPage",
+        ("/items", "post", "201"): "CreatedItems",
+        ("/items", "patch", "200"): "UpdateResult",
+        ("/items/{item_id}", "get", "200"): "Item",
+    }
+    for (path, method, status), shape in expected.items():
+        success = {code for code in paths[path][method]["responses"] if code.startswith("2")}
+        assert success == {status}, (path, method)
+        content = paths[path][method]["responses"][status]["content"]
+        assert content == {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{shape}"}}
+        }, (path, method)
+
+
+async def test_answers_carry_their_length_and_type(client: Client) -> None:
+    response = await client.get("/items", params={"limit": 3})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert response.headers["x-content-type-options"] == "nosniff"
