@@ -987,7 +987,7 @@ def measure_idempotency_keys(options: Options, database: Database) -> list[dict[
         for mode in ("plain", "keyed") if number % 2 else ("keyed", "plain"):
             WRK_ENV["BENCH_IDEMPOTENCY_KEYS"] = "1" if mode == "keyed" else "0"
             try:
-                with Server(SERVICE_1, database.url, options, "keyed") as server:
+                with Server(SERVICE_1, database.url, options, f"keyed-{mode}") as server:
                     row = {**measure(options, server, database, "batch", number), "mode": mode}
             finally:
                 WRK_ENV["BENCH_IDEMPOTENCY_KEYS"] = "0"
