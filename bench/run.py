@@ -148,6 +148,8 @@ class Options:
     database_url: str | None
     keyed_rounds: int = 0
     replica_url: str | None = None  # set once the replica is up, for SERVICE_REPLICA
+    # The embedded replica, started only for SERVICE_REPLICA's servers (None: an external one).
+    replica: BenchReplica | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,6 +256,7 @@ class Server:
         self.env = env
         self.database_url = database_url
         self.replica_url = options.replica_url
+        self.replica = options.replica
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -263,9 +266,13 @@ class Server:
         return self.process.pid
 
     def __enter__(self) -> Server:
-        if self.replica_url is not None:
-            # The replica replays only while its own target runs: replaying every other round's
-            # writes would take CPU from whatever is being measured.
+        if self.replica is not None:
+            # The embedded replica runs only while its own target runs: streaming (let alone
+            # replaying) every other round's writes would take CPU from whatever is measured.
+            if self.target.reads_from_replica:
+                self.replica.start()
+        elif self.replica_url is not None:
+            # An external replica replays only while its own target runs, for the same reason.
             replay_on_replica(self.database_url, self.replica_url, self.target.reads_from_replica)
         with self.log_path.open("wb") as log:
             # The working directory holds no .env, so the service reads only what is set here.
@@ -284,6 +291,13 @@ class Server:
         raise RuntimeError(f"{self.target.label} did not answer within 60 s; see {self.log_path}")
 
     def __exit__(self, *exc: object) -> None:
+        try:
+            self._stop()
+        finally:
+            if self.replica is not None and self.target.reads_from_replica:
+                self.replica.stop()
+
+    def _stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         # Remember the tree (with start times, so a reused pid is never hit) before stopping it.
@@ -1250,7 +1264,7 @@ def main() -> int:
     prepare_database(database)
     with contextlib.ExitStack() as cleanup:
         if any(t.reads_from_replica for t in options.targets):
-            options.replica_url = start_replica(database, cleanup)
+            options.replica_url, options.replica = start_replica(database, cleanup)
         return run_everything(options, database, started, clock)
 
 
@@ -1293,24 +1307,55 @@ def replay_on_replica(primary_url: str, replica_url: str, replay: bool) -> None:
     asyncio.run(switch())
 
 
-def start_replica(database: Database, cleanup: contextlib.ExitStack) -> str:
-    """The read replica's URL: BENCH_DATABASE_READ_URL, or a streaming replica of the embedded
-    PostgreSQL (pg_basebackup -R, as `make run-replica` makes), stopped at the end."""
+class BenchReplica:
+    """A streaming replica of the embedded PostgreSQL (pg_basebackup -R, as `make run-replica`
+    makes), copied afresh and started for each of SERVICE_REPLICA's servers, stopped after it.
+
+    Left running through the other targets' rounds, its WAL receiver took 0.1 to 0.2 cores from
+    every batch round, whoever was measured.
+    """
+
+    def __init__(self, database: Database) -> None:
+        sys.path.insert(0, str(REPO))
+        from sqlalchemy.engine import make_url
+
+        from service.embedded import EmbeddedDatabase
+
+        self.primary = EmbeddedDatabase(database.server, make_url(database.url), created=False)
+        self.running: Any = None
+
+    def start(self) -> str:
+        """Copy and start the replica; its URL (the same at every start)."""
+        from service.embedded import start_embedded_replica
+
+        self.stop()
+        self.running = start_embedded_replica(
+            self.primary, REPO / ".data" / "bench-postgres-replica"
+        )
+        return str(self.running.url.set(drivername="postgresql").render_as_string())
+
+    def stop(self) -> None:
+        if self.running is not None:
+            self.running.stop()
+            self.running = None
+
+
+def start_replica(
+    database: Database, cleanup: contextlib.ExitStack
+) -> tuple[str, BenchReplica | None]:
+    """The read replica's URL: BENCH_DATABASE_READ_URL, or the embedded primary's streaming
+    replica's, checked by one start and stopped until SERVICE_REPLICA's servers need it."""
     configured = os.environ.get("BENCH_DATABASE_READ_URL")
     if configured:
-        return configured
+        return configured, None
     if not database.embedded:
         raise RuntimeError("service-replica: with BENCH_DATABASE_URL, set BENCH_DATABASE_READ_URL")
-    sys.path.insert(0, str(REPO))
-    from sqlalchemy.engine import make_url
-
-    from service.embedded import EmbeddedDatabase, start_embedded_replica
-
-    primary = EmbeddedDatabase(database.server, make_url(database.url), created=False)
-    replica = start_embedded_replica(primary, REPO / ".data" / "bench-postgres-replica")
+    replica = BenchReplica(database)
     cleanup.callback(replica.stop)
-    print("streaming replica started for service-replica", flush=True)
-    return replica.url.set(drivername="postgresql").render_as_string()
+    url = replica.start()
+    replica.stop()
+    print("streaming replica checked; it runs only with service-replica", flush=True)
+    return url, replica
 
 
 def run_everything(
