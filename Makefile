@@ -53,7 +53,7 @@ rehearse: $(STAMP)
 	$(BIN)/python -m tests.rehearse.run
 
 # The service (1 and 2 workers) against a bare ASGI + asyncpg baseline under wrk, interleaved
-# rounds on one embedded PostgreSQL, then overload rounds and profiles; about 10 minutes; writes
+# rounds on one embedded PostgreSQL, then overload rounds and profiles; about 13 minutes; writes
 # bench/RESULTS.md.
 bench: $(STAMP) .venv-bench/.installed
 	$(BIN)/python bench/run.py
