@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import signal
@@ -79,6 +80,7 @@ SERVICE_KEYS = (
 )  # fmt: skip
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 WORKLOADS = ("read", "batch")
+ACCESS_STATUS = re.compile(r'"status":\s*(\d{3})')  # a status in a JSON access-log line
 PROFILE_RATE = 100  # py-spy samples per second
 SERVICE_HISTOGRAMS = (
     "http_request_duration_seconds_sum",
@@ -1005,6 +1007,7 @@ def measure_idempotency_keys(options: Options, database: Database) -> list[dict[
                     row = {**measure(options, server, database, "batch", number), "mode": mode}
             finally:
                 WRK_ENV["BENCH_IDEMPOTENCY_KEYS"] = "0"
+            row["failed_answers"] = failed_answers_in_log(server.log_path)
             rows.append(row)
             print(
                 f"keyed {number} {mode:5} {row['rps']:8.0f} req/s p50 {row['p50_ms']:6.1f} ms "
@@ -1012,6 +1015,16 @@ def measure_idempotency_keys(options: Options, database: Database) -> list[dict[
                 flush=True,
             )
     return rows
+
+
+def failed_answers_in_log(log_path: Path) -> dict[int, int]:
+    """How many answers of each status other than 2xx a server's access log holds (warm-up
+    included): what wrk counts only as "non-2xx"."""
+    found: collections.Counter[int] = collections.Counter()
+    for line in log_path.read_text(errors="replace").splitlines():
+        if (match := ACCESS_STATUS.search(line)) and not match.group(1).startswith("2"):
+            found[int(match.group(1))] += 1
+    return dict(sorted(found.items()))
 
 
 def keyed_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -1043,6 +1056,14 @@ def keyed_table(rows: list[dict[str, Any]]) -> list[str]:
         for mode in ("plain", "keyed")
     )
     lines += ["", f"With a key: {keyed / plain:.2f} times the requests/s of the same load without."]
+    for row in rows:
+        if row["errors"]:
+            kinds = ", ".join(f"{k} {v}" for k, v in row["error_detail"].items() if v)
+            answers = ", ".join(f"{k}: {v}" for k, v in row["failed_answers"].items()) or "none"
+            lines.append(
+                f"Errors in round {row['round']} ({row['mode']}): {kinds}; answers other than"
+                f" 2xx in the server's access log (warm-up included): {answers}."
+            )
     return lines
 
 
