@@ -20,7 +20,12 @@ from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.pool import (
+    AsyncAdaptedQueuePool,
+    ConnectionPoolEntry,
+    NullPool,
+    PoolProxiedConnection,
+)
 
 from service import queries
 from service.config import Settings
@@ -108,16 +113,10 @@ def engine_options(settings: Settings) -> dict[str, Any]:
         connect_args["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid4()}__"
     elif timeout_ms:
         connect_args["server_settings"]["statement_timeout"] = str(timeout_ms)
-    return {
-        "pool_size": settings.db_pool_size,
-        "max_overflow": settings.db_max_overflow,
-        "pool_timeout": settings.db_pool_timeout,
-        "pool_recycle": settings.db_pool_recycle,
-        # No pre-ping: it costs a round trip per request. A connection found dead raises a
-        # disconnect error, which invalidates the whole pool, so recovery after an outage is fast.
-        "pool_pre_ping": False,
-        "connect_args": connect_args,
-    }
+    # No pool of the engine's own: `SessionPool` owns every connection's lifetime (its size,
+    # overflow, waits, recycling), so a connection the pool gives back is closed, not kept by a
+    # second pool with rules of its own. No pre-ping either: it costs a round trip per request.
+    return {"poolclass": NullPool, "connect_args": connect_args}
 
 
 def create_engine(settings: Settings, *, autocommit: bool = False) -> AsyncEngine:
@@ -142,7 +141,16 @@ def create_probe_engine(settings: Settings) -> AsyncEngine:
     pod, seen in the rolling update rehearsal).
     """
     isolation = {} if settings.db_pgbouncer else {"isolation_level": "AUTOCOMMIT"}
-    return _build_engine(settings, pool_size=1, max_overflow=0, **isolation)
+    # The engine's own pool keeps this one connection: no session pool sits on top of it.
+    return _build_engine(
+        settings,
+        poolclass=AsyncAdaptedQueuePool,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=settings.db_pool_timeout,
+        pool_recycle=settings.db_pool_recycle,
+        **isolation,
+    )
 
 
 def _build_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
@@ -212,6 +220,11 @@ class PoolTimeout(PoolTimeoutError):
     """No session became free within DB_POOL_TIMEOUT (answered as 503)."""
 
 
+class PoolClosed(PoolTimeout):
+    """The pool was closed (the service is shutting down) while a request waited for a session,
+    or before it asked: answered as 503, like a pool timeout, at once."""
+
+
 class LeasedSession(AsyncSession):
     """The long-lived session of one pooled connection.
 
@@ -240,7 +253,7 @@ class _Slot:
         self.connection: AsyncConnection | None = None
         self.session: AsyncSession | None = None
         self.driver: Any = None  # the asyncpg connection, to ask is_closed() without a query
-        self.since = 0.0  # when `connection` was taken from the engine's pool
+        self.since = 0.0  # when `connection` was opened
         self.last_used = 0.0  # when a request last gave it back
 
 
@@ -250,7 +263,9 @@ class SessionPool:
     A request used to build an AsyncSession, check a connection out of the engine's pool, build
     a Connection and a SessionTransaction, and undo it all afterwards: about half of a read's
     CPU. Here each slot keeps its connection and its session, and a request only borrows them.
-    The guarantees of the engine's pool are kept: a lease waits at most `timeout` seconds (then
+    This pool is the only owner of the connections' lifetimes (the engine has none of its own,
+    see `engine_options`): `size` slots keep theirs open, `max_overflow` more open one for a
+    lease and close it afterwards. A lease waits at most `timeout` seconds (then
     `PoolTimeout`, a 503); a failed request rolls its session back and, if the connection is
     broken or in doubt, ends it; a connection the driver knows is closed, one idle longer than
     `idle_seconds` or one older than `recycle_seconds` is ended and replaced before it is
@@ -286,10 +301,15 @@ class SessionPool:
         # Behind a transaction-mode pooler reads run in a transaction too, which a lease ends.
         self.transactional = transactional
         self.observe_wait = observe_wait
-        # Popped from the end: the overflow slots are used only when the others are busy.
-        self._idle = [_Slot(overflow=True) for _ in range(max_overflow)]
-        self._idle += [_Slot(overflow=False) for _ in range(size)]
+        # Popped from the right, where regular slots are given back; overflow slots go back on
+        # the left, so they are used only while every regular slot is busy, and light traffic
+        # after a burst runs on the regular slots' open connections.
+        self._idle: collections.deque[_Slot] = collections.deque(
+            [_Slot(overflow=True) for _ in range(max_overflow)]
+            + [_Slot(overflow=False) for _ in range(size)]
+        )
         self._slots = tuple(self._idle)
+        self._closed = False
         # Waiters in arrival order, each with the loop time at which it gives up. They all wait
         # the same `timeout`, so the first one is always the next to expire: one timer, armed
         # for it, serves them all (a timer per waiter cost a tenth of a read's CPU under load).
@@ -341,15 +361,23 @@ class SessionPool:
         return sum(1 for slot in self._idle if slot.connection is not None)
 
     async def close(self) -> None:
-        """Give every idle slot's connection back (the engine's dispose then closes them)."""
+        """Close every idle slot's connection, fail every waiter at once, and close each leased
+        slot's connection when its lease ends; no lease is given out afterwards."""
+        self._closed = True
         for timer in (self._waiter_expiry, self._deadline_sweep):
             if timer is not None:
                 timer.cancel()
         self._waiter_expiry = self._deadline_sweep = None
+        while self._waiters:
+            waiter = self._waiters.popleft()[1]
+            if not waiter.done():
+                waiter.set_exception(PoolClosed("the service is shutting down"))
         for slot in self._idle:
             await self._discard(slot)
 
     async def _acquire(self) -> _Slot:
+        if self._closed:
+            raise PoolClosed("the service is shutting down")
         if self._idle and not self._waiters:
             self.observe_wait(0.0)
             return self._idle.pop()
@@ -389,7 +417,10 @@ class SessionPool:
             if not waiter.done():
                 waiter.set_result(slot)
                 return
-        self._idle.append(slot)
+        if slot.overflow:
+            self._idle.appendleft(slot)
+        else:
+            self._idle.append(slot)
 
     def _watch(self, lease: _Lease) -> None:
         """Keep `lease` under the deadline sweep until it ends."""
@@ -460,17 +491,16 @@ class SessionPool:
         await self._discard(slot, close=True)
 
     async def _discard(self, slot: _Slot, *, close: bool = False) -> None:
-        """Give the slot's connection back to the engine's pool, or with `close` end it."""
+        """Close the slot's connection; with `close` (it is broken or in doubt) abandon it
+        without a reset."""
         connection, driver = slot.connection, slot.driver
         slot.connection = slot.session = slot.driver = None
         if connection is None:
             return
         try:
             if close or driver.is_closed():
-                # The engine's pool would hand the same connection out again (its reset on
-                # return sends nothing in autocommit mode): make it drop this one.
                 await connection.invalidate()
-            await connection.close()  # the engine's pool resets it, or drops it if broken
+            await connection.close()
         except Exception:
             log.debug("closing a pooled connection failed; invalidating it", exc_info=True)
             with contextlib.suppress(Exception):
@@ -524,7 +554,7 @@ class _Lease:
                 await pool._recover(slot)
             elif pool.transactional and slot.session.in_transaction():
                 await slot.session.rollback()
-            if slot.overflow:
+            if slot.overflow or pool._closed:
                 await pool._discard(slot)
         except BaseException:
             await pool._discard(slot, close=True)

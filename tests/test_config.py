@@ -6,6 +6,7 @@ import ssl
 from pathlib import Path
 
 import pytest
+from sqlalchemy.pool import NullPool
 
 from service.config import (
     Settings,
@@ -236,7 +237,7 @@ def test_statement_timeout_goes_to_the_server() -> None:
     assert options["connect_args"]["server_settings"]["statement_timeout"] == "250"
     # ...and the client waits a little longer, for when no answer can come at all.
     assert options["connect_args"]["command_timeout"] == 1.25
-    assert options["pool_pre_ping"] is False
+    assert "pool_pre_ping" not in options and options["poolclass"] is NullPool
 
 
 def test_read_url_is_normalised_like_the_primary_one() -> None:

@@ -279,3 +279,44 @@ async def test_a_statement_the_driver_gives_up_on_is_named_database_timeout(
         assert type(raised.value.__cause__) is TimeoutError
     finally:
         await engine.dispose()
+
+
+async def test_close_ends_every_waiter_and_every_leased_connection(
+    autocommit_engine: AsyncEngine, database_url: URL
+) -> None:
+    pool = make_pool(autocommit_engine, size=1, timeout=30)
+    held, leave = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> int:
+        async with pool.lease() as session:
+            pid = int((await session.execute(BACKEND_PID)).scalar_one())
+            held.set()
+            await leave.wait()
+            return pid
+
+    holder = asyncio.create_task(hold())
+    await held.wait()
+    waiter = asyncio.create_task(backend_pid(pool))
+    await asyncio.sleep(0.05)  # queued behind the holder
+    started = time.monotonic()
+    await pool.close()
+    with pytest.raises(PoolTimeout):  # at once, not after the 30 s wait
+        await asyncio.wait_for(waiter, 2)
+    assert time.monotonic() - started < 1
+    with pytest.raises(PoolTimeout):
+        await backend_pid(pool)  # nothing is leased after close
+    leave.set()
+    pid = await holder
+    assert pool.connections == 0  # the slot given back after close closed its connection
+    admin = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        for _ in range(50):
+            if not await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid
+            ):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"backend {pid} is still open after the pool was closed")
+    finally:
+        await admin.close()
