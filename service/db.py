@@ -550,7 +550,7 @@ class _Lease:
         assert slot is not None and slot.session is not None  # noqa: S101 (set on enter)
         pool._leases.discard(self)
         try:
-            if error is not None:
+            if error is not None or self.expired:
                 await pool._recover(slot)
             elif pool.transactional and slot.session.in_transaction():
                 await slot.session.rollback()
@@ -561,7 +561,10 @@ class _Lease:
             raise
         finally:
             pool._release(slot)
-        if self.expired:
+        # A block that ended normally keeps its result even if the deadline fired after it
+        # was done (a write committed, then its token could not be read): the connection is
+        # gone, the answer is not. A block the deadline interrupted failed because of it.
+        if self.expired and error is not None:
             raise DatabaseTimeout(
                 f"the database did not answer within {pool.deadline_seconds:g} s"
             ) from error

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from http import HTTPStatus
 from typing import Annotated, Any
 
@@ -280,18 +281,29 @@ async def _with_token(request: Request[Any, Any, Any], response: JSONAnswer) -> 
     """A keyed write's answer, applied or replayed, with a Consistency-Token when a replica is
     configured: the primary's WAL position now is at or past the commit that answer records."""
     if request.app.state.replica is not None:
-        async with request.app.state.sessions.lease() as session:
-            await _keep_token(session, request.scope["state"])
+        with _without_token_on_failure():
+            async with request.app.state.sessions.lease() as session:
+                await _keep_token(session, request.scope["state"])
     return response
 
 
 async def _keep_token(session: AsyncSession, state: dict[str, Any]) -> None:
-    # One more round trip, paid only with a replica configured. The write is committed by now:
-    # if its position cannot be read, it is answered without a token rather than as a failure.
-    try:
+    # One more round trip, paid only with a replica configured.
+    with _without_token_on_failure():
         state[CONSISTENCY_STATE_KEY] = format_token(await wal_position(session))
-    except Exception:
-        log.warning("a write's WAL position could not be read; no Consistency-Token", exc_info=True)
+
+
+@contextlib.contextmanager
+def _without_token_on_failure() -> Iterator[None]:
+    """The write is committed by now: if its position cannot be read (no connection free, the
+    database gone silent), it is answered without a token rather than as a failure."""
+    try:
+        yield
+    except Exception as exc:
+        log.warning(
+            "a write's WAL position could not be read (%s); no Consistency-Token",
+            type(exc).__name__,
+        )
 
 
 def _check_batch_size(size: int, max_batch: int) -> None:

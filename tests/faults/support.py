@@ -357,27 +357,37 @@ class TcpProxy:
     `cut_open_connections()`: each connection open now is closed the moment its client next
     sends something, which is never forwarded (a reset arriving mid-request); connections opened
     afterwards work.
+    `silent_from`: bytes that, once a client sends them, make its connection silent from that
+    message on (which is not forwarded): the network fails at a chosen statement.
     """
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.port = free_port()
         self.silent = False
+        self.silent_from: bytes | None = None
         self.server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
         self._doomed: set[asyncio.StreamWriter] = set()
+        self._silenced: set[asyncio.StreamWriter] = set()
 
     def cut_open_connections(self) -> None:
         self._doomed |= self._open
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: bool
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        client: bool,
+        server_w: asyncio.StreamWriter,
     ) -> None:
         with contextlib.suppress(ConnectionError, asyncio.CancelledError):
             while data := await reader.read(65536):
                 if client and writer in self._doomed:
                     break
-                if not self.silent:
+                if client and self.silent_from is not None and self.silent_from in data:
+                    self._silenced.add(server_w)
+                if not self.silent and server_w not in self._silenced:
                     writer.write(data)
                     await writer.drain()
         writer.close()
@@ -388,12 +398,13 @@ class TcpProxy:
         try:
             # Closing the server side on a cut ends the other pipe too, which closes the client.
             await asyncio.gather(
-                self._pipe(client_r, server_w, client=True),
-                self._pipe(server_r, client_w, client=False),
+                self._pipe(client_r, server_w, client=True, server_w=server_w),
+                self._pipe(server_r, client_w, client=False, server_w=server_w),
             )
         finally:
             self._open.discard(server_w)
             self._doomed.discard(server_w)
+            self._silenced.discard(server_w)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[TcpProxy]:
