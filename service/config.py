@@ -64,6 +64,14 @@ class Settings:
     db_statement_timeout_ms: Annotated[int, Meta(ge=0)] = 5000
     # True behind a transaction-mode pooler (PgBouncer, Neon's -pooler hosts): no statement reuse.
     db_pgbouncer: bool = False
+    # Milliseconds a session of ours may sit idle inside a transaction before the server ends it
+    # (and its locks): a frozen or cut-off pod cannot hold a key or a row for ever; 0 disables.
+    db_idle_in_transaction_timeout_ms: Annotated[int, Meta(ge=0)] = 5000
+    # The server's TCP keepalives on our connections (seconds idle, seconds between probes,
+    # probes lost): a peer gone silent is found dead after idle + interval x count; 0: the OS's.
+    db_tcp_keepalives_idle: Annotated[int, Meta(ge=0, le=86_400)] = 30
+    db_tcp_keepalives_interval: Annotated[int, Meta(ge=0, le=3600)] = 10
+    db_tcp_keepalives_count: Annotated[int, Meta(ge=0, le=100)] = 3
     # A read replica for GET /items (None: every read on the primary); with the next four, from
     # DATABASE_READ_URL or db_read_host, normalised as DATABASE_URL is.
     database_read_url: URL | None = None

@@ -99,7 +99,6 @@ def engine_options(settings: Settings) -> dict[str, Any]:
     ssl_arg = ssl_connect_arg(settings.db_sslmode, settings.db_sslrootcert)
     if ssl_arg is not None:
         connect_args["ssl"] = ssl_arg
-    timeout_ms = settings.db_statement_timeout_ms
     client_timeout = client_timeout_seconds(settings)
     if client_timeout is not None:
         connect_args["command_timeout"] = client_timeout
@@ -111,12 +110,29 @@ def engine_options(settings: Settings) -> dict[str, Any]:
         connect_args["statement_cache_size"] = 0
         connect_args["prepared_statement_cache_size"] = 0
         connect_args["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid4()}__"
-    elif timeout_ms:
-        connect_args["server_settings"]["statement_timeout"] = str(timeout_ms)
+    else:
+        # Poolers refuse these startup parameters too; there the pooler's own settings
+        # (PgBouncer's idle_transaction_timeout, tcp_keepalive) do the same (see the README).
+        connect_args["server_settings"].update(session_limits(settings))
     # No pool of the engine's own: `SessionPool` owns every connection's lifetime (its size,
     # overflow, waits, recycling), so a connection the pool gives back is closed, not kept by a
     # second pool with rules of its own. No pre-ping either: it costs a round trip per request.
     return {"poolclass": NullPool, "connect_args": connect_args}
+
+
+def session_limits(settings: Settings) -> dict[str, str]:
+    """Server settings that bound what one of our sessions can hold: a statement's time, a
+    transaction left idle (a pod frozen or cut off mid-transaction holds its locks only that
+    long), and TCP keepalives, so the server finds a vanished peer in a minute, not in hours.
+    Zero leaves a setting to the server."""
+    limits = {
+        "statement_timeout": settings.db_statement_timeout_ms,
+        "idle_in_transaction_session_timeout": settings.db_idle_in_transaction_timeout_ms,
+        "tcp_keepalives_idle": settings.db_tcp_keepalives_idle,
+        "tcp_keepalives_interval": settings.db_tcp_keepalives_interval,
+        "tcp_keepalives_count": settings.db_tcp_keepalives_count,
+    }
+    return {name: str(value) for name, value in limits.items() if value}
 
 
 def create_engine(settings: Settings, *, autocommit: bool = False) -> AsyncEngine:
