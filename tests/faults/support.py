@@ -371,6 +371,11 @@ class PgBouncer:
             raise RuntimeError(f"pgbouncer did not start:\n{bouncer.log()}") from None
         return bouncer
 
+    @property
+    def version_text(self) -> str:
+        """The version as PgBouncer writes it: "1.24.1"."""
+        return ".".join(map(str, self.version))
+
     def url(self, postgres: ControlledPostgres, database: str) -> URL:
         """The service's URL for `database` through this pooler."""
         return postgres.url(database).set(port=self.port)

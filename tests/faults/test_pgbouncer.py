@@ -125,7 +125,8 @@ async def test_transaction_pooler_needs_the_pgbouncer_setting(
         )
     record(
         "Fault 5",
-        f"Transaction pooler: PgBouncer (pool_mode=transaction, 4 server connections), "
+        f"Transaction pooler: PgBouncer {legacy_pgbouncer.version_text} "
+        "(pool_mode=transaction, 4 server connections), "
         f"{WORKERS} clients of mixed reads and PATCH/POST batches, "
         f"{'DB_PGBOUNCER=true' if pgbouncer_setting else 'DB_PGBOUNCER unset'}",
         len(outcomes),
