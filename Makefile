@@ -48,7 +48,8 @@ load: $(STAMP)
 
 # A rolling update under load, shaped like k8s/: 3 processes behind HAProxy, PgBouncer in
 # transaction mode, locust distributed; each process replaced in turn. Needs Debian's haproxy and
-# pgbouncer. REHEARSE_DURATION=40 (s) REHEARSE_USERS=20. Writes load-report/rehearsal.md and .json.
+# a pgbouncer (tests/build-pgbouncer.sh's 1.24.1, else Debian's). REHEARSE_DURATION=40 (s)
+# REHEARSE_USERS=20. Writes load-report/rehearsal.md and .json.
 rehearse: $(STAMP)
 	$(BIN)/python -m tests.rehearse.run
 

@@ -13,7 +13,14 @@ from service.config import Settings
 from service.migrate import upgrade_to_head
 from tests.conftest import fresh_database
 from tests.faults.report import RECORDS, markdown
-from tests.faults.support import PGBOUNCER, ControlledPostgres, PgBouncer
+from tests.faults.support import (
+    LEGACY_PGBOUNCER,
+    PREPARED_STATEMENTS_SINCE,
+    ControlledPostgres,
+    PgBouncer,
+    modern_pgbouncer,
+    pgbouncer_version,
+)
 
 
 @pytest.fixture(scope="session")
@@ -41,16 +48,37 @@ async def fault_database(controlled_postgres: ControlledPostgres) -> AsyncIterat
                 controlled_postgres.start()
 
 
-@pytest.fixture
-def pgbouncer(controlled_postgres: ControlledPostgres) -> Iterator[PgBouncer]:
-    """Debian's PgBouncer in transaction mode in front of the controlled server."""
-    if not os.access(PGBOUNCER, os.X_OK):
-        pytest.skip("pgbouncer is not installed (Debian: apt-get install -y pgbouncer)")
-    bouncer = PgBouncer.start(controlled_postgres)
+def _running_pgbouncer(postgres: ControlledPostgres, binary: str) -> Iterator[PgBouncer]:
+    bouncer = PgBouncer.start(postgres, binary)
     try:
         yield bouncer
     finally:
         bouncer.stop()
+
+
+@pytest.fixture
+def pgbouncer(controlled_postgres: ControlledPostgres) -> Iterator[PgBouncer]:
+    """PgBouncer >= 1.21 in transaction mode, tracking prepared statements, as Neon's poolers."""
+    binary = modern_pgbouncer()
+    if binary is None:
+        pytest.skip(
+            "no PgBouncer >= 1.21: run `bash tests/build-pgbouncer.sh` (builds it into a cache "
+            "the tests look in) or set PGBOUNCER_MODERN to a pgbouncer binary"
+        )
+    version = pgbouncer_version(binary)
+    if version < PREPARED_STATEMENTS_SINCE:
+        pytest.fail(f"{binary} is PgBouncer {version}, not >= 1.21")
+    yield from _running_pgbouncer(controlled_postgres, binary)
+
+
+@pytest.fixture
+def legacy_pgbouncer(controlled_postgres: ControlledPostgres) -> Iterator[PgBouncer]:
+    """Debian bookworm's PgBouncer 1.18 in transaction mode: prepared statements not tracked."""
+    if not os.access(LEGACY_PGBOUNCER, os.X_OK):
+        pytest.skip("pgbouncer is not installed (Debian: apt-get install -y pgbouncer)")
+    if pgbouncer_version(LEGACY_PGBOUNCER) >= PREPARED_STATEMENTS_SINCE:
+        pytest.skip(f"the system's pgbouncer is >= 1.21, not the legacy one ({LEGACY_PGBOUNCER})")
+    yield from _running_pgbouncer(controlled_postgres, LEGACY_PGBOUNCER)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -29,7 +29,34 @@ from sqlalchemy.engine import URL
 from tests.conftest import asyncpg_dsn, free_port, run_service
 
 SYSTEM_USER = "pgserver"
-PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+# Debian bookworm's PgBouncer 1.18: no tracking of protocol-level prepared statements.
+LEGACY_PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+# The one tests/build-pgbouncer.sh builds (trixie's 1.24.1), as Neon's poolers run it: it tracks
+# prepared statements (>= 1.21). Named by PGBOUNCER_MODERN, else found in that script's cache.
+MODERN_PGBOUNCER_VERSION = "1.24.1"
+# The first version with max_prepared_statements.
+PREPARED_STATEMENTS_SINCE = (1, 21)
+
+
+def modern_pgbouncer() -> str | None:
+    """The PgBouncer >= 1.21 binary: $PGBOUNCER_MODERN, else tests/build-pgbouncer.sh's cache."""
+    named = os.environ.get("PGBOUNCER_MODERN")
+    if named:
+        return named if os.access(named, os.X_OK) else None
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    binary = cache / "playing-with-neon" / f"pgbouncer-{MODERN_PGBOUNCER_VERSION}" / "pgbouncer"
+    return str(binary) if os.access(binary, os.X_OK) else None
+
+
+def pgbouncer_version(binary: str) -> tuple[int, ...]:
+    """The version `binary --version` names on its first line ("PgBouncer 1.24.1")."""
+    first_line = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.splitlines()[0]
+    name, _, version = first_line.partition(" ")
+    if name != "PgBouncer":
+        raise RuntimeError(f"{binary} --version says {first_line!r}")
+    return tuple(int(part) for part in version.split("."))
 
 
 def run_as() -> str | None:
@@ -269,22 +296,35 @@ class ControlledPostgres:
 
 @dataclasses.dataclass
 class PgBouncer:
-    """Debian's pgbouncer in transaction mode on 127.0.0.1:port, in front of a test server."""
+    """A pgbouncer in transaction mode on 127.0.0.1:port, in front of a test server."""
 
     root: Path
     port: int
     process: subprocess.Popen[bytes]
+    # From `pgbouncer --version`, e.g. (1, 24, 1).
+    version: tuple[int, ...]
 
     @property
     def log_path(self) -> Path:
         return self.root / "pgbouncer.log"
 
     @classmethod
-    def start(cls, postgres: ControlledPostgres, pool_size: int = 4) -> PgBouncer:
-        """Write its ini and user list into a temporary folder and start it in the foreground."""
+    def start(
+        cls, postgres: ControlledPostgres, binary: str = LEGACY_PGBOUNCER, pool_size: int = 4
+    ) -> PgBouncer:
+        """Write its ini and user list into a temporary folder and start `binary` in the
+        foreground; a PgBouncer >= 1.21 tracks up to 200 prepared statements per connection."""
+        version = pgbouncer_version(binary)
         root = Path(tempfile.mkdtemp(prefix="faults-pgb-"))
         _prepare_system_user(root)
+        # A copy in the folder: the system user may not reach the binary where it was built
+        # (a root user's cache).
+        program = root / "pgbouncer"
+        shutil.copy2(binary, program)
         port = free_port()
+        # 200 is the default since 1.24 (and Neon's); 1.21 to 1.23 default to 0, off. 1.18
+        # refuses the unknown setting.
+        tracking = version >= PREPARED_STATEMENTS_SINCE
         (root / "userlist.txt").write_text(f'"postgres" "{postgres.password}"\n')
         (root / "pgbouncer.ini").write_text(
             "\n".join(
@@ -301,6 +341,7 @@ class PgBouncer:
                     f"auth_file = {root / 'userlist.txt'}",
                     "pool_mode = transaction",
                     f"default_pool_size = {pool_size}",
+                    *(["max_prepared_statements = 200"] if tracking else []),
                     # So a test can read SHOW POOLS on the admin console (database `pgbouncer`).
                     "admin_users = postgres",
                     "max_client_conn = 500",
@@ -316,19 +357,24 @@ class PgBouncer:
         # PgBouncer refuses to run as root ("should not run as root"), hence the system user.
         with (root / "stderr.log").open("wb") as stderr:
             process = subprocess.Popen(
-                [PGBOUNCER, str(root / "pgbouncer.ini")],
+                [str(program), str(root / "pgbouncer.ini")],
                 user=run_as(),
                 cwd=root,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
             )
-        bouncer = cls(root=root, port=port, process=process)
+        bouncer = cls(root=root, port=port, process=process, version=version)
         try:
             wait_for_port(port)
         except TimeoutError:
             bouncer.stop()
             raise RuntimeError(f"pgbouncer did not start:\n{bouncer.log()}") from None
         return bouncer
+
+    @property
+    def version_text(self) -> str:
+        """The version as PgBouncer writes it: "1.24.1"."""
+        return ".".join(map(str, self.version))
 
     def url(self, postgres: ControlledPostgres, database: str) -> URL:
         """The service's URL for `database` through this pooler."""

@@ -1,23 +1,35 @@
 """Fault 5: behind PgBouncer in transaction mode (as Neon's -pooler endpoints are).
 
-With DB_PGBOUNCER=true a concurrent mixed load of reads and batches has zero errors, no
-"prepared statement" error ever appears and `/readyz`, asked all along, always answers 200; the
-same load without the setting fails, which shows the setting is what makes the difference.
+On Debian's PgBouncer 1.18, which does not track prepared statements: with DB_PGBOUNCER=true a
+concurrent mixed load of reads and batches has zero errors, no "prepared statement" error ever
+appears and `/readyz`, asked all along, always answers 200; the same load without the setting
+fails, which shows the setting is what makes the difference. And the fixtures themselves: the
+modern PgBouncer (>= 1.21) carries asyncpg's own prepared statements where 1.18 breaks them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 from sqlalchemy.engine import URL
 
-from tests.conftest import AUTH, run_service, service_environment
+from tests.conftest import AUTH, asyncpg_dsn, run_service, service_environment
 from tests.faults.report import record, status_counts
-from tests.faults.support import ControlledPostgres, Outcome, PgBouncer, run_until, seed_rows, send
+from tests.faults.support import (
+    PREPARED_STATEMENTS_SINCE,
+    ControlledPostgres,
+    Outcome,
+    PgBouncer,
+    run_until,
+    seed_rows,
+    send,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -77,12 +89,12 @@ async def readiness_during(base_url: str) -> tuple[list[Outcome], list[int | Non
 async def test_transaction_pooler_needs_the_pgbouncer_setting(
     controlled_postgres: ControlledPostgres,
     fault_database: URL,
-    pgbouncer: PgBouncer,
+    legacy_pgbouncer: PgBouncer,
     tmp_path: Path,
     pgbouncer_setting: bool,
 ) -> None:
     await seed_rows(fault_database, ROWS)
-    pooled = pgbouncer.url(controlled_postgres, fault_database.database or "")
+    pooled = legacy_pgbouncer.url(controlled_postgres, fault_database.database or "")
     overrides = {"SHUTDOWN_DELAY_SECONDS": "0", "DB_POOL_SIZE": "8"}
     if pgbouncer_setting:
         overrides["DB_PGBOUNCER"] = "true"
@@ -113,10 +125,62 @@ async def test_transaction_pooler_needs_the_pgbouncer_setting(
         )
     record(
         "Fault 5",
-        f"Transaction pooler: PgBouncer (pool_mode=transaction, 4 server connections), "
+        f"Transaction pooler: PgBouncer {legacy_pgbouncer.version_text} "
+        "(pool_mode=transaction, 4 server connections), "
         f"{WORKERS} clients of mixed reads and PATCH/POST batches, "
         f"{'DB_PGBOUNCER=true' if pgbouncer_setting else 'DB_PGBOUNCER unset'}",
         len(outcomes),
         statuses,
         did,
     )
+
+
+CLIENTS = 8
+STATEMENTS_PER_CLIENT = 50
+
+
+async def prepared_statement_errors(dsn: str) -> list[str]:
+    """8 plain asyncpg connections (statement cache on, as by default), 50 statements each, in
+    autocommit: every statement is a transaction of its own, so PgBouncer may run each on another
+    of its server connections. The "prepared statement" errors that came back."""
+
+    async def client(number: int) -> list[str]:
+        errors = []
+        connection = await asyncpg.connect(dsn)
+        try:
+            for sequence in range(STATEMENTS_PER_CLIENT):
+                # Four statements, each prepared once per client connection and then reused.
+                sql = f"SELECT $1::int + {sequence % 4}"
+                try:
+                    assert await connection.fetchval(sql, number) == number + sequence % 4
+                except asyncpg.PostgresError as exc:
+                    if "prepared statement" not in str(exc):
+                        raise
+                    errors.append(str(exc))
+        finally:
+            await connection.close()
+        return errors
+
+    per_client = await asyncio.wait_for(asyncio.gather(*(client(n) for n in range(CLIENTS))), 30)
+    return [error for errors in per_client for error in errors]
+
+
+@pytest.mark.parametrize("bouncer_fixture", ["pgbouncer", "legacy_pgbouncer"])
+async def test_modern_pgbouncer_tracks_prepared_statements(
+    controlled_postgres: ControlledPostgres, request: pytest.FixtureRequest, bouncer_fixture: str
+) -> None:
+    bouncer: PgBouncer = request.getfixturevalue(bouncer_fixture)
+    started = time.monotonic()
+    errors = await prepared_statement_errors(
+        asyncpg_dsn(bouncer.url(controlled_postgres, "postgres"))
+    )
+    elapsed = time.monotonic() - started
+    statements = CLIENTS * STATEMENTS_PER_CLIENT
+    if bouncer_fixture == "pgbouncer":
+        assert bouncer.version >= PREPARED_STATEMENTS_SINCE, bouncer.version
+        assert errors == [], (len(errors), errors[:3], bouncer.log()[-2000:])
+    else:
+        assert bouncer.version < PREPARED_STATEMENTS_SINCE, bouncer.version
+        # The contrast that shows the modern fixture is what carries the statements.
+        assert errors, f"{statements} statements through PgBouncer {bouncer.version}, no error"
+    print(f"PgBouncer {bouncer.version}: {len(errors)} of {statements} failed in {elapsed:.1f} s")

@@ -1,7 +1,8 @@
 """`make rehearse`: a rolling update under load, in the shape of k8s/, on one machine.
 
 Three `python -m service` processes behind HAProxy (round robin, health-checking `/readyz` as a
-Service does with readiness), PostgreSQL behind PgBouncer in transaction mode (DB_PGBOUNCER=true),
+Service does with readiness), PostgreSQL behind PgBouncer in transaction mode (DB_PGBOUNCER=true;
+the 1.24.1 of tests/build-pgbouncer.sh, as Neon's poolers, else Debian's 1.18),
 and locust distributed (a master, two workers) running tests/rehearse/locustfile.py: the load of
 tests/load with clients that retry once on a 503 or a dropped connection. Partway through, each
 process in turn is replaced as a Deployment with maxUnavailable 0 does it: a new process starts,
@@ -47,7 +48,7 @@ from typing import Any
 import asyncpg
 
 from tests.conftest import asyncpg_dsn
-from tests.faults.support import ControlledPostgres, PgBouncer
+from tests.faults.support import LEGACY_PGBOUNCER, ControlledPostgres, PgBouncer, modern_pgbouncer
 from tests.load.run import (
     REPORT,
     ROOT,
@@ -484,13 +485,23 @@ def main_rehearsal(users: int, seconds: int) -> dict[str, Any]:
             )  # fmt: skip
             if done.returncode != 0:
                 raise RehearsalError(f"`{' '.join(args)}` failed:\n{done.stderr}")
-        bouncer = PgBouncer.start(postgres, pool_size=PGBOUNCER_POOL)
+        binary = modern_pgbouncer()
+        if binary is None:
+            binary = LEGACY_PGBOUNCER
+            rehearsal.note(
+                "no PgBouncer >= 1.21 (bash tests/build-pgbouncer.sh, or PGBOUNCER_MODERN): "
+                f"Debian's {binary} instead"
+            )
+        bouncer = PgBouncer.start(postgres, binary, pool_size=PGBOUNCER_POOL)
         pooled = bouncer.url(postgres, DATABASE).render_as_string(hide_password=False)
         slots = [Slot(f"s{n}", free_port()) for n in range(1, 2 * REPLICAS + 1)]
         haproxy = HAProxy(free_port(), slots, socket_dir / "admin.sock")
         rehearsal.processes.append(haproxy.process)
         host = f"http://127.0.0.1:{haproxy.port}"
-        rehearsal.note(f"PgBouncer on :{bouncer.port} (pool {PGBOUNCER_POOL}); HAProxy on {host}")
+        rehearsal.note(
+            f"PgBouncer {bouncer.version_text} on :{bouncer.port} (pool {PGBOUNCER_POOL}); "
+            f"HAProxy on {host}"
+        )
         replicas = [rehearsal.start_replica(slot, pooled) for slot in slots[:REPLICAS]]
         for replica in replicas:
             wait_until_ready(replica.process, replica.slot.url, replica.log)
@@ -540,6 +551,7 @@ def main_rehearsal(users: int, seconds: int) -> dict[str, Any]:
             "users": users,
             "seconds": seconds,
             "replicas": REPLICAS,
+            "pgbouncer_version": bouncer.version_text,
             "requests": len(requests),
             "retried_first_tries": retried,
             "client_visible_failures": failed,
@@ -616,9 +628,10 @@ def markdown(figures: dict[str, Any], problems: list[str]) -> str:
         "# Rolling update rehearsal",
         "",
         f"`{figures['command']}`: {figures['replicas']} service processes behind HAProxy, "
-        "PgBouncer (transaction mode) in front of PostgreSQL, locust distributed (1 master, "
-        f"2 workers), {figures['users']} users for {figures['seconds']} s; each process replaced "
-        f"in turn (maxUnavailable 0) during {figures['roll_seconds']} s.",
+        f"PgBouncer {figures['pgbouncer_version']} (transaction mode) in front of PostgreSQL, "
+        f"locust distributed (1 master, 2 workers), {figures['users']} users for "
+        f"{figures['seconds']} s; each process replaced in turn (maxUnavailable 0) during "
+        f"{figures['roll_seconds']} s.",
         "",
         "| figure | value | goal |",
         "| --- | --- | --- |",
