@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,7 @@ from service.db import (
     create_engine,
     create_probe_engine,
     lease_deadline_seconds,
+    pooler_keeps_prepared_statements,
 )
 from service.errors import (
     FailureLog,
@@ -87,14 +89,14 @@ def session_pool(settings: Settings, metrics: Metrics) -> SessionPool:
     connections only. Every write is one statement, so each is all or nothing either way.
     """
     return SessionPool(
-        create_engine(settings, autocommit=not settings.db_pgbouncer),
+        create_engine(settings, autocommit=not settings.prepares_per_transaction),
         size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         timeout=settings.db_pool_timeout,
         recycle_seconds=settings.db_pool_recycle,
         idle_seconds=settings.db_pool_idle_timeout,
         deadline_seconds=lease_deadline_seconds(settings),
-        transactional=settings.db_pgbouncer,
+        transactional=settings.prepares_per_transaction,
         observe_wait=metrics.pool_wait.observe,
     )
 
@@ -122,6 +124,30 @@ async def start_replica(settings: Settings, metrics: Metrics) -> Replica | None:
     return replica
 
 
+async def settle_pooler_mode(settings: Settings) -> Settings:
+    """The settings to build the engines with: DB_POOLER=transaction only if the pooler really
+    keeps prepared statements, else (one warning line) transaction-unprepared, which is slower
+    but correct, rather than "prepared statement … does not exist" errors under load."""
+    if settings.pooler != "transaction" or settings.database_url is None:
+        return settings
+    where = describe_database(settings.database_url)
+    kept = await pooler_keeps_prepared_statements(settings)
+    if kept is None:
+        log.warning(
+            "could not ask %s whether it keeps prepared statements: trusting DB_POOLER", where
+        )
+    elif not kept:
+        log.warning(
+            "DB_POOLER=transaction, but %s does not keep prepared statements across transactions "
+            "(a PgBouncer older than 1.21, max_prepared_statements = 0, or no pooler at all): "
+            "serving as DB_POOLER=transaction-unprepared, 4 round trips per read instead of 1; "
+            "upgrade the pooler, or set DB_POOLER=none for a direct connection",
+            where,
+        )
+        return dataclasses.replace(settings, db_pooler="transaction-unprepared")
+    return settings
+
+
 def create_app(settings: Settings | None = None, *, freeze_after_start: bool = False) -> Litestar:
     """Build the app; with no settings, read them from the environment and `.env`."""
     settings = settings if settings is not None else load_settings()
@@ -139,6 +165,7 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
 
     @asynccontextmanager
     async def engine_lifespan(app: Litestar) -> AsyncIterator[None]:
+        settings = app.state.settings = await settle_pooler_mode(app.state.settings)
         sessions = session_pool(settings, metrics)
         engine = sessions.engine
         app.state.replica = await start_replica(settings, metrics)
@@ -148,10 +175,10 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
         app.state.database_failures = FailureLog(describe_database(engine.url))
         log.info("using database %s", describe_database(engine.url))
         host = engine.url.host or ""
-        if "-pooler" in host and not settings.db_pgbouncer:
+        if "-pooler" in host and not settings.behind_pooler:
             log.warning(
-                "%s looks like a transaction-mode pooler but DB_PGBOUNCER is not set: expect "
-                "'prepared statement' errors and a refused statement_timeout",
+                "%s looks like a transaction-mode pooler but DB_POOLER=none: set "
+                "DB_POOLER=transaction, or expect a refused statement_timeout",
                 host,
             )
         if settings.db_channel_binding == "require":

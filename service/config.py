@@ -23,6 +23,7 @@ from sqlalchemy.exc import ArgumentError
 T = TypeVar("T")
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 ChannelBinding = Literal["disable", "prefer", "require"]
+PoolerMode = Literal["none", "transaction", "transaction-unprepared"]
 Seconds = Annotated[float, Meta(le=86_400)]  # a bound that also rules out "inf"
 # libpq's words for a boolean, beyond msgspec's true/false/1/0.
 BOOLEAN_WORDS = {"yes": "true", "on": "true", "no": "false", "off": "false"}
@@ -62,7 +63,12 @@ class Settings:
     db_pool_idle_timeout: Annotated[Seconds, Meta(ge=1.0)] = 240.0
     # Server-side limit for one statement in milliseconds; 0 disables it.
     db_statement_timeout_ms: Annotated[int, Meta(ge=0)] = 5000
-    # True behind a transaction-mode pooler (PgBouncer, Neon's -pooler hosts): no statement reuse.
+    # What sits between the service and PostgreSQL: "none" (a direct connection);
+    # "transaction", a transaction-mode pooler that keeps prepared statements (PgBouncer >= 1.21
+    # with max_prepared_statements > 0, Neon's -pooler hosts); "transaction-unprepared", one
+    # that does not (PgBouncer < 1.21, pgcat or odyssey without it): no statement reuse.
+    db_pooler: PoolerMode = "none"
+    # The old name of DB_POOLER=transaction-unprepared, still accepted.
     db_pgbouncer: bool = False
     # Milliseconds a session of ours may sit idle inside a transaction before the server ends it
     # (and its locks): a frozen or cut-off pod cannot hold a key or a row for ever; 0 disables.
@@ -117,6 +123,23 @@ class Settings:
     def in_flight_limit(self) -> int:
         """MAX_IN_FLIGHT, or its default derived from the pool."""
         return self.max_in_flight or 8 * (self.db_pool_size + self.db_max_overflow)
+
+    @property
+    def pooler(self) -> PoolerMode:
+        """DB_POOLER, with DB_PGBOUNCER=true read as its old name for transaction-unprepared."""
+        return "transaction-unprepared" if self.db_pgbouncer else self.db_pooler
+
+    @property
+    def behind_pooler(self) -> bool:
+        """A transaction-mode pooler is in between: it refuses startup parameters such as
+        statement_timeout, so the client enforces the statement timeout."""
+        return self.pooler != "none"
+
+    @property
+    def prepares_per_transaction(self) -> bool:
+        """The pooler cannot carry a prepared statement from one transaction to the next: every
+        statement is prepared afresh and run inside a transaction of its own."""
+        return self.pooler == "transaction-unprepared"
 
     @property
     def uses_embedded_database(self) -> bool:
@@ -174,6 +197,15 @@ def load_settings(
     for name in ("auth_disabled", "db_pgbouncer"):
         if name in values:
             values[name] = BOOLEAN_WORDS.get(values[name].lower(), values[name])
+    if values.get("db_pgbouncer") == "true" and values.get("db_pooler", "none") not in (
+        "none",
+        "transaction-unprepared",
+    ):
+        raise SettingsError(
+            "DB_PGBOUNCER",
+            f"true is the old name of DB_POOLER=transaction-unprepared, which contradicts "
+            f"DB_POOLER={values['db_pooler']}: remove DB_PGBOUNCER",
+        )
     values.update(_database_fields(env))
     values.update(_read_database_fields(env))
     return _convert(values, Settings, str.upper)

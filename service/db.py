@@ -74,7 +74,7 @@ def client_timeout_seconds(settings: Settings) -> float | None:
     timeout_ms = settings.db_statement_timeout_ms
     if not timeout_ms:
         return None
-    if settings.db_pgbouncer:
+    if settings.behind_pooler:
         return timeout_ms / 1000
     return timeout_ms / 1000 + CLIENT_TIMEOUT_MARGIN_SECONDS
 
@@ -102,17 +102,18 @@ def engine_options(settings: Settings) -> dict[str, Any]:
     client_timeout = client_timeout_seconds(settings)
     if client_timeout is not None:
         connect_args["command_timeout"] = client_timeout
-    if settings.db_pgbouncer:
-        # A transaction-mode pooler hands each transaction to any server connection, so a
-        # statement prepared on one is unknown (or, by name, already taken) on another: prepare
-        # under a fresh name every time and cache nothing. Poolers also reject unknown startup
-        # parameters, so the statement timeout is enforced by the client, which cancels the query.
+    if settings.prepares_per_transaction:
+        # A transaction-mode pooler that does not track prepared statements hands each
+        # transaction to any server connection, so a statement prepared on one is unknown (or, by
+        # name, already taken) on another: prepare under a fresh name every time, cache nothing.
         connect_args["statement_cache_size"] = 0
         connect_args["prepared_statement_cache_size"] = 0
         connect_args["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid4()}__"
-    else:
-        # Poolers refuse these startup parameters too; there the pooler's own settings
-        # (PgBouncer's idle_transaction_timeout, tcp_keepalive) do the same (see the README).
+    if not settings.behind_pooler:
+        # Poolers refuse these as startup parameters: behind one, the statement timeout is
+        # enforced by the client, which cancels the query (see `client_timeout_seconds`), and
+        # the pooler's own settings (PgBouncer's idle_transaction_timeout, tcp_keepalive) bound
+        # idle transactions and vanished peers (see the README).
         connect_args["server_settings"].update(session_limits(settings))
     # No pool of the engine's own: `SessionPool` owns every connection's lifetime (its size,
     # overflow, waits, recycling), so a connection the pool gives back is closed, not kept by a
@@ -156,7 +157,7 @@ def create_probe_engine(settings: Settings) -> AsyncEngine:
     pooler may run it on a server connection where it was never prepared (a 503 from a healthy
     pod, seen in the rolling update rehearsal).
     """
-    isolation = {} if settings.db_pgbouncer else {"isolation_level": "AUTOCOMMIT"}
+    isolation = {} if settings.prepares_per_transaction else {"isolation_level": "AUTOCOMMIT"}
     # The engine's own pool keeps this one connection: no session pool sits on top of it.
     return _build_engine(
         settings,
@@ -176,6 +177,28 @@ def _build_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
     event.listen(engine.sync_engine, "checkout", _refuse_closed_connection)
     event.listen(engine.sync_engine, "handle_error", _name_driver_socket_errors)
     return engine
+
+
+async def pooler_keeps_prepared_statements(settings: Settings) -> bool | None:
+    """Whether the pooler in front keeps prepared statements across transactions: True when the
+    server knows our statement by a name the pooler gave it, False when it kept asyncpg's name
+    (or the statement was lost between server connections), None when it could not be asked.
+
+    Asked on an engine built as the request engine is, with its statement cache.
+    """
+    engine = create_engine(settings, autocommit=True)
+    try:
+        async with engine.connect() as connection:
+            return bool((await connection.execute(queries.SELECT_STATEMENT_RENAMED)).scalar())
+    except DBAPIError as exc:
+        if "prepared statement" in str(exc.orig):
+            return False
+        log.debug("the pooler check failed", exc_info=True)
+        return None
+    except (OSError, DatabaseUnavailable):
+        return None
+    finally:
+        await engine.dispose()
 
 
 class DatabaseUnavailable(ConnectionError):

@@ -56,6 +56,15 @@ DELETE_ITEM = text("DELETE FROM playing_with_neon WHERE id = :id RETURNING id").
 
 SELECT_ONE = text("SELECT 1")
 
+# Behind a pooler, at start-up: does the server know the statement we prepared by another name?
+# A pooler that carries prepared statements across server connections (PgBouncer >= 1.21)
+# renames them (PGBOUNCER_<n>); one that does not passes asyncpg's own names (__asyncpg_…). The
+# statement finds itself by the marker in its own text.
+SELECT_STATEMENT_RENAMED = text(
+    "SELECT coalesce(bool_or(left(name, 9) <> '__asyncpg'), false) AS renamed "
+    "FROM pg_prepared_statements WHERE statement LIKE '%service pooler check%'"
+).columns(column("renamed", Boolean))
+
 # Proves the table is there (migrations applied) without reading a row.
 SELECT_NOTHING = text("SELECT 1 FROM playing_with_neon LIMIT 0")
 

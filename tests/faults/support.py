@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import dataclasses
+import io
 import os
 import secrets
 import shutil
@@ -380,6 +382,10 @@ class PgBouncer:
         """The service's URL for `database` through this pooler."""
         return postgres.url(database).set(port=self.port)
 
+    def show(self, postgres: ControlledPostgres, what: str) -> list[dict[str, str]]:
+        """Rows of `SHOW <what>` on the admin console (database `pgbouncer`)."""
+        return psql(self.port, "pgbouncer", postgres.password, f"SHOW {what}")
+
     def log(self) -> str:
         parts = [p.read_text() for p in (self.log_path, self.root / "stderr.log") if p.exists()]
         return "\n".join(parts)
@@ -394,6 +400,25 @@ class PgBouncer:
                 self.process.kill()
                 self.process.wait()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def psql(port: int, database: str, password: str, sql: str) -> list[dict[str, str]]:
+    """Rows of `sql` via pgserver's psql: the simple query protocol PgBouncer's console needs
+    (asyncpg reads results only over the extended one)."""
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    result = subprocess.run(
+        [
+            *(str(POSTGRES_BIN_PATH / "psql"), "-X", "--csv", "-h", "127.0.0.1", "-p", str(port)),
+            *("-U", "postgres", "-d", database, "-c", sql),
+        ],
+        env={**os.environ, "PGPASSWORD": password, "PGCONNECT_TIMEOUT": "3"},
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    return list(csv.DictReader(io.StringIO(result.stdout)))
 
 
 class TcpProxy:

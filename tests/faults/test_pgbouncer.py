@@ -184,3 +184,88 @@ async def test_modern_pgbouncer_tracks_prepared_statements(
         # The contrast that shows the modern fixture is what carries the statements.
         assert errors, f"{statements} statements through PgBouncer {bouncer.version}, no error"
     print(f"PgBouncer {bouncer.version}: {len(errors)} of {statements} failed in {elapsed:.1f} s")
+
+
+def statements_per_transaction(
+    bouncer: PgBouncer, postgres: ControlledPostgres, database: str
+) -> tuple[int, int]:
+    """(statements, transactions) PgBouncer has counted for `database` so far."""
+    (row,) = [r for r in bouncer.show(postgres, "STATS") if r["database"] == database]
+    return int(row["total_query_count"]), int(row["total_xact_count"])
+
+
+async def test_fast_mode_keeps_prepared_statements_through_a_modern_pooler(
+    controlled_postgres: ControlledPostgres,
+    fault_database: URL,
+    pgbouncer: PgBouncer,
+    tmp_path: Path,
+) -> None:
+    """DB_POOLER=transaction through PgBouncer >= 1.21: the mixed load has zero errors and every
+    read and batch is one statement in a transaction of its own (autocommit, nothing around it).
+    (The service could not even connect before: PgBouncer refuses a statement_timeout startup
+    parameter.)"""
+    await seed_rows(fault_database, ROWS)
+    database = fault_database.database or ""
+    pooled = pgbouncer.url(controlled_postgres, database)
+    env = service_environment(
+        pooled, DB_POOLER="transaction", DB_POOL_SIZE="8", SHUTDOWN_DELAY_SECONDS="0"
+    )
+    with run_service(env, tmp_path) as service:
+        before = statements_per_transaction(pgbouncer, controlled_postgres, database)
+        outcomes, readiness = await readiness_during(service.base_url)
+        after = statements_per_transaction(pgbouncer, controlled_postgres, database)
+    log = service.log()
+    statuses = status_counts(o.status for o in outcomes)
+    failures = sum(1 for o in outcomes if o.status not in (200, 201))
+    assert failures == 0, (statuses, log[-3000:])
+    assert "prepared statement" not in log, log[-3000:]
+    assert "transaction-unprepared" not in log, log[-3000:]
+    assert readiness and set(readiness) == {200}, status_counts(readiness)
+    statements, transactions = after[0] - before[0], after[1] - before[1]
+    # Every request and probe was one statement, so PgBouncer saw no BEGIN or COMMIT.
+    assert statements == transactions >= len(outcomes), (statements, transactions, len(outcomes))
+    record(
+        "Fault 5",
+        f"Transaction pooler that keeps prepared statements: PgBouncer {pgbouncer.version_text} "
+        "(pool_mode=transaction, max_prepared_statements=200, 4 server connections), "
+        f"{WORKERS} clients of mixed reads and PATCH/POST batches, DB_POOLER=transaction",
+        len(outcomes),
+        statuses,
+        f"zero errors; {statements} statements in {transactions} transactions (1 per request, "
+        f"no BEGIN/COMMIT); /readyz 200 all {len(readiness)} times",
+    )
+
+
+async def test_fast_mode_on_an_old_pooler_falls_back_with_one_line(
+    controlled_postgres: ControlledPostgres,
+    fault_database: URL,
+    legacy_pgbouncer: PgBouncer,
+    tmp_path: Path,
+) -> None:
+    """DB_POOLER=transaction through PgBouncer 1.18, which does not keep prepared statements:
+    one warning line at start-up, and the service serves as transaction-unprepared, with zero
+    errors, instead of failing now and then with "prepared statement … does not exist"."""
+    await seed_rows(fault_database, ROWS)
+    pooled = legacy_pgbouncer.url(controlled_postgres, fault_database.database or "")
+    env = service_environment(
+        pooled, DB_POOLER="transaction", DB_POOL_SIZE="8", SHUTDOWN_DELAY_SECONDS="0"
+    )
+    with run_service(env, tmp_path) as service:
+        outcomes, readiness = await readiness_during(service.base_url)
+    log = service.log()
+    statuses = status_counts(o.status for o in outcomes)
+    failures = sum(1 for o in outcomes if o.status not in (200, 201))
+    warnings = [
+        line for line in log.splitlines() if "serving as DB_POOLER=transaction-unprepared" in line
+    ]
+    assert len(warnings) == 1, log[-3000:]
+    assert failures == 0, (statuses, log[-3000:])
+    assert readiness and set(readiness) == {200}, status_counts(readiness)
+    record(
+        "Fault 5",
+        f"DB_POOLER=transaction through PgBouncer {legacy_pgbouncer.version_text}, which does not "
+        f"keep prepared statements; {WORKERS} clients of mixed reads and batches",
+        len(outcomes),
+        statuses,
+        "one warning line at start-up, then served as transaction-unprepared: zero errors",
+    )

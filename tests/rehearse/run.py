@@ -48,7 +48,13 @@ from typing import Any
 import asyncpg
 
 from tests.conftest import asyncpg_dsn
-from tests.faults.support import LEGACY_PGBOUNCER, ControlledPostgres, PgBouncer, modern_pgbouncer
+from tests.faults.support import (
+    LEGACY_PGBOUNCER,
+    ControlledPostgres,
+    PgBouncer,
+    modern_pgbouncer,
+    psql,
+)
 from tests.load.run import (
     REPORT,
     ROOT,
@@ -219,24 +225,6 @@ class Budget:
     servers_active: int = 0
     postgres_backends: int = 0
     postgres_active: int = 0
-
-
-def psql(port: int, database: str, password: str, sql: str) -> list[dict[str, str]]:
-    """Rows of `sql` via pgserver's psql: the simple query protocol PgBouncer's console needs."""
-    from pgserver._commands import POSTGRES_BIN_PATH
-
-    result = subprocess.run(
-        [
-            *(str(POSTGRES_BIN_PATH / "psql"), "-X", "--csv", "-h", "127.0.0.1", "-p", str(port)),
-            *("-U", "postgres", "-d", database, "-c", sql),
-        ],
-        env={**os.environ, "PGPASSWORD": password, "PGCONNECT_TIMEOUT": "3"},
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    )
-    return list(csv.DictReader(io.StringIO(result.stdout)))
 
 
 def sample_connections(
