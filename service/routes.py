@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service import queries
 from service.auth import WRITE_SECURITY, authorize_json_write, authorize_write
 from service.db import SessionPool, connection_was_lost, nothing_reached_server
-from service.errors import ProblemException, problem_document
+from service.errors import ProblemException, problem_document, refusal_reason
 from service.idempotency import idempotency_key, write_once
 from service.replica import (
     CONSISTENCY_HEADER,
@@ -290,8 +290,9 @@ async def _keep_token(session: AsyncSession, state: dict[str, Any]) -> None:
     # if its position cannot be read, it is answered without a token rather than as a failure.
     try:
         state[CONSISTENCY_STATE_KEY] = format_token(await wal_position(session))
-    except Exception:
-        log.warning("a write's WAL position could not be read; no Consistency-Token", exc_info=True)
+    except Exception as exc:
+        reason = refusal_reason(exc)
+        log.warning("a write's WAL position could not be read (%s); no Consistency-Token", reason)
 
 
 def _check_batch_size(size: int, max_batch: int) -> None:

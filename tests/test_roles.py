@@ -145,3 +145,29 @@ async def test_the_service_role_serves_everything_and_alters_nothing(
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await execute(roles.service, statement)
         await migrate(roles.migrator)  # migrating again, as the owner of everything, is fine
+
+
+async def test_a_write_whose_position_is_refused_answers_without_a_token(
+    server_url: URL, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with database_with_roles(server_url, migrate_first=False) as roles:
+        await migrate(roles.migrator)
+        # pg_catalog is per database: this revokes it here only (from a non-superuser, as a
+        # cautious administrator might).
+        await execute(
+            server_url.set(database=roles.owner.database),
+            "REVOKE EXECUTE ON FUNCTION pg_current_wal_lsn() FROM PUBLIC",
+        )
+        settings = Settings(
+            database_url=roles.service, database_read_url=roles.service, api_tokens=(TOKEN,)
+        )
+        async with concurrent_client(settings) as client:
+            caplog.clear()
+            created = await client.post("/items", json=[{"name": "a", "value": 1.0}], headers=AUTH)
+    assert created.status_code == 201, created.text
+    assert "consistency-token" not in created.headers
+    lines = [r.getMessage() for r in caplog.records if "WAL position" in r.getMessage()]
+    assert lines, [r.getMessage() for r in caplog.records]
+    assert all(r.exc_info is None for r in caplog.records if "WAL position" in r.getMessage())
+    assert "permission denied" not in lines[0] and "pg_current_wal_lsn" not in lines[0], lines[0]
+    assert "the database role lacks a privilege" in lines[0], lines[0]
