@@ -48,6 +48,7 @@ END
 $$;
 
 -- The service: rows only, on the tables there now and on every table a migration makes later.
+-- (Identity columns need no right on their sequence; USAGE is for a later serial column.)
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO playing_with_neon_service;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO playing_with_neon_service;
 REVOKE ALL ON alembic_version FROM playing_with_neon_service;
