@@ -3,8 +3,9 @@
 Usage: python deploy/check_manifests.py RENDERED.yaml... (run by deploy/validate.sh).
 Every reference must resolve inside the same render (ConfigMap, Secret and its keys,
 ServiceAccount, HPA target), every selector must pick the pods it is meant for, every namespaced
-object must sit in the overlay's namespace, every pod must do without service links, and the
-termination grace period must outlast the preStop pause plus the service's own drain time.
+object must sit in the overlay's namespace, every pod must do without service links, the
+termination grace period must outlast the preStop pause plus the service's own drain time, and
+every pod's traffic both ways must be limited by NetworkPolicy rules that each name their peers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import yaml
 CLUSTER_SCOPED = {"Namespace"}
 WORKLOADS = {"Deployment", "Job"}
 # The service's drain time after SIGTERM is a constant in its code; read it rather than repeat it.
+# An ipBlock of these is no limit at all.
+OPEN_CIDRS = ("0.0.0.0/0", "::/0")
 DRAIN_PATTERN = re.compile(r"^GRACEFUL_SHUTDOWN_SECONDS\s*=\s*(\d+)\s*$", re.MULTILINE)
 
 
@@ -97,17 +100,38 @@ def check_render(objects: list[dict[str, Any]], drain: int | None) -> list[str]:
                 selector = selector["matchLabels"]
             if not any(matches(selector, labels) for labels in api_pods):
                 problems.append(f"{kind}/{name}: selects no Deployment's pods")
-    for name, policy in by_kind.get("NetworkPolicy", {}).items():
-        selector = policy["spec"]["podSelector"].get("matchLabels", {})
-        for owner, labels in pod_labels.items():
-            if not matches(selector, labels):
-                problems.append(f"NetworkPolicy/{name}: does not cover {owner}'s pods")
+    policies = by_kind.get("NetworkPolicy", {})
+    for owner, labels in pod_labels.items():
+        covering = [
+            policy["spec"]
+            for policy in policies.values()
+            if matches(policy["spec"]["podSelector"].get("matchLabels", {}), labels)
+        ]
+        for direction in ("Ingress", "Egress"):
+            if not any(direction in spec.get("policyTypes", []) for spec in covering):
+                problems.append(f"{owner}: no NetworkPolicy limits its {direction.lower()}")
+    for name, policy in policies.items():
+        problems += check_policy(f"NetworkPolicy/{name}", policy["spec"])
     for name, hpa in by_kind.get("HorizontalPodAutoscaler", {}).items():
         target = hpa["spec"]["scaleTargetRef"]
         if target["kind"] != "Deployment" or target["name"] not in deployments:
             problems.append(f"HorizontalPodAutoscaler/{name}: targets a missing {target}")
         elif "replicas" in deployments[target["name"]]["spec"]:
             problems.append(f"Deployment/{target['name']}: sets replicas that the HPA owns")
+    return problems
+
+
+def check_policy(name: str, spec: dict[str, Any]) -> list[str]:
+    """Problems with one NetworkPolicy: a rule that admits every address."""
+    problems: list[str] = []
+    for direction, peers in (("ingress", "from"), ("egress", "to")):
+        for number, rule in enumerate(spec.get(direction, []), start=1):
+            where = f"{name}: {direction} rule {number}"
+            if not rule.get(peers):
+                problems.append(f"{where} admits every address (no `{peers}`)")
+            for peer in rule.get(peers, []):
+                if peer.get("ipBlock", {}).get("cidr") in OPEN_CIDRS:
+                    problems.append(f"{where} admits every address ({peer['ipBlock']['cidr']})")
     return problems
 
 

@@ -8,7 +8,9 @@ as unset. Each setting's type, bounds and default are written once, in `Settings
 
 from __future__ import annotations
 
+import math
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -27,6 +29,14 @@ PoolerMode = Literal["none", "transaction", "transaction-unprepared"]
 Seconds = Annotated[float, Meta(le=86_400)]  # a bound that also rules out "inf"
 # libpq's words for a boolean, beyond msgspec's true/false/1/0.
 BOOLEAN_WORDS = {"yes": "true", "on": "true", "no": "false", "off": "false"}
+# The API_TOKENS values the examples show (.env.example, k8s/overlays/*/secret.env.example): a
+# file copied and not edited must not serve writes to whoever has read this repository.
+PLACEHOLDER_TOKENS = frozenset(
+    {"replace-me-with-a-long-random-token", "replace-with-a-long-random-token"}
+)
+# Estimated bits a token must carry (token_bits): 2**64 guesses are out of reach over HTTP.
+MIN_TOKEN_BITS = 64
+RANDOM_RECIPE = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 
 class SettingsError(ValueError):
@@ -91,7 +101,8 @@ class Settings:
     read_consistency_wait_ms: Annotated[int, Meta(ge=0, le=60_000)] = 200
     # Replay lag in milliseconds beyond which reads go to the primary until the replica catches up.
     read_max_lag_ms: Annotated[int, Meta(ge=0)] = 5000
-    # Bearer tokens accepted for writes (comma-separated in API_TOKENS).
+    # Bearer tokens accepted for writes (comma-separated in API_TOKENS); load_settings refuses
+    # the examples' placeholder and guessable ones (token_bits).
     api_tokens: tuple[Annotated[str, Meta(min_length=16)], ...] = field(default=(), repr=False)
     # Writes open to anyone; must be asked for explicitly.
     auth_disabled: bool = False
@@ -208,7 +219,21 @@ def load_settings(
         )
     values.update(_database_fields(env))
     values.update(_read_database_fields(env))
-    return _convert(values, Settings, str.upper)
+    settings = _convert(values, Settings, str.upper)
+    _check_tokens(settings.api_tokens)
+    return settings
+
+
+def token_bits(token: str) -> float:
+    """A token's entropy in bits, estimated as its length times that of its own characters.
+
+    Repeats and small alphabets score low (aaaa…: 0, passwordpassword: 44, 1234567890123456: 52);
+    a random token scores somewhat below its real entropy (token_hex(16), 128 bits: about 116;
+    token_urlsafe(16), 128 bits: about 92, never below 64 in 300 000 draws; token_urlsafe(32):
+    about 208). Words a person picks can score well, which is why the error says how to make one.
+    """
+    counts = Counter(token).values()
+    return -sum(n * math.log2(n / len(token)) for n in counts)
 
 
 def check_writes_are_protected(settings: Settings) -> None:
@@ -222,6 +247,18 @@ def check_writes_are_protected(settings: Settings) -> None:
             "is empty, so writes would be open to anyone; set API_TOKENS "
             "(comma-separated bearer tokens) or AUTH_DISABLED=true explicitly",
         )
+
+
+def _check_tokens(tokens: tuple[str, ...]) -> None:
+    """Refuse the examples' placeholder and tokens easy to guess; the token is never shown."""
+    for entry, token in enumerate(tokens, start=1):
+        if token in PLACEHOLDER_TOKENS:
+            problem = "is the examples' placeholder, known to anyone who has read them"
+        elif (bits := token_bits(token)) < MIN_TOKEN_BITS:
+            problem = f"is too easy to guess (about {bits:.0f} bits, {MIN_TOKEN_BITS} needed)"
+        else:
+            continue
+        raise SettingsError("API_TOKENS", f"entry {entry} {problem}; make one with {RANDOM_RECIPE}")
 
 
 def read_replica_settings(settings: Settings) -> Settings | None:

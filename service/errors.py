@@ -140,6 +140,7 @@ REFUSAL_SQLSTATES = {
     "28000": "the server refused this user or host (pg_hba.conf)",
     "3D000": "the database does not exist",
     "42P01": "the table does not exist (run `python -m service migrate`)",
+    "42501": "the database role lacks a privilege (k8s/roles.sql grants what the service needs)",
     "53300": "the server has no free connection slots",
     "57P01": "the server ended the session (shutdown, restart or failover)",
     "57P03": "the server is starting up or shutting down",

@@ -23,7 +23,7 @@ from sqlalchemy import Executable
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from service.db import DatabaseUnavailable, SessionPool, connection_was_lost
-from service.errors import ProblemException
+from service.errors import ProblemException, refusal_reason
 from service.queries import SELECT_REPLAYED_POSITION, SELECT_WAL_POSITION
 
 log = logging.getLogger("service.replica")
@@ -143,12 +143,16 @@ class Replica:
     def _failed(self, exc: Exception) -> None:
         # A lost or refused connection: leave the replica aside until the next check finds it
         # answering. Anything else (a conflict with recovery, a busy pool) concerns one read.
+        # Named by refusal_reason, as every database failure's log line: the driver's own message
+        # may quote the statement, its parameters and the connection's details.
         if isinstance(exc, DatabaseUnavailable) or connection_was_lost(exc):
             if self.healthy:
-                log.warning("the read replica failed (%s); reads go to the primary", exc)
+                reason = refusal_reason(exc)
+                log.warning("the read replica failed (%s); reads go to the primary", reason)
             self.healthy = False
         else:
-            log.info("a read failed on the replica (%s); it is served by the primary", exc)
+            reason = refusal_reason(exc)
+            log.info("a read failed on the replica (%s); it is served by the primary", reason)
 
     def start(self) -> None:
         """Start the background health check."""
@@ -182,7 +186,10 @@ class Replica:
                 replayed = await _position(self.replica_probe, SELECT_REPLAYED_POSITION)
         except Exception as exc:
             if self.healthy:
-                log.warning("the read replica does not answer (%r); reads go to the primary", exc)
+                reason = refusal_reason(exc)
+                log.warning(
+                    "the read replica does not answer (%s); reads go to the primary", reason
+                )
             self.healthy = False
             return
         # Assigned, not raised: a replica that restarted may show less than before.

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service import queries
 from service.auth import WRITE_SECURITY, authorize_json_write, authorize_write
 from service.db import SessionPool, connection_was_lost, nothing_reached_server
-from service.errors import ProblemException, problem_document
+from service.errors import ProblemException, problem_document, refusal_reason
 from service.idempotency import idempotency_key, write_once
 from service.replica import (
     CONSISTENCY_HEADER,
@@ -300,10 +300,8 @@ def _without_token_on_failure() -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        log.warning(
-            "a write's WAL position could not be read (%s); no Consistency-Token",
-            type(exc).__name__,
-        )
+        reason = refusal_reason(exc)
+        log.warning("a write's WAL position could not be read (%s); no Consistency-Token", reason)
 
 
 def _check_batch_size(size: int, max_batch: int) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import secrets
 import ssl
 from pathlib import Path
 
@@ -17,8 +19,9 @@ from service.config import (
     read_replica_settings,
 )
 from service.db import engine_options, ssl_connect_arg
+from tests.conftest import PROJECT_ROOT, TOKEN
 
-TOKENS = {"API_TOKENS": "a-token-of-sixteen-chars"}
+TOKENS = {"API_TOKENS": TOKEN}
 
 
 def settings_from(env: dict[str, str], env_file: Path | None = None) -> Settings:
@@ -141,7 +144,7 @@ def test_password_never_in_repr_or_str() -> None:
     settings = settings_from({"DATABASE_URL": f"postgresql://u:{secret}@h/db"})
     assert secret not in repr(settings)
     assert secret not in str(settings)
-    assert "a-token-of-sixteen-chars" not in repr(settings)
+    assert TOKEN not in repr(settings)
     assert settings.database_url is not None
     assert secret not in describe_database(settings.database_url)
 
@@ -191,6 +194,38 @@ def test_bad_url_error_does_not_echo_the_password() -> None:
     with pytest.raises(SettingsError) as raised:
         settings_from({"DATABASE_URL": "mysql://u:Hunter2Hunter2@h/db"})
     assert "Hunter2Hunter2" not in str(raised.value)
+
+
+def example_tokens() -> list[str]:
+    """Every API_TOKENS value the repository's examples show (.env.example, k8s, README)."""
+    files = [PROJECT_ROOT / ".env.example", PROJECT_ROOT / "README.md"]
+    files += sorted((PROJECT_ROOT / "k8s").rglob("*.example"))
+    found = re.findall(r"API_TOKENS=([^\s`'\"]+)", "".join(f.read_text() for f in files))
+    return sorted({token for value in found for token in value.split(",")})
+
+
+@pytest.mark.parametrize(
+    "token",
+    [*example_tokens(), "aaaaaaaaaaaaaaaaaaaa", "1234567890123456", "passwordpassword"],
+)
+def test_placeholder_or_guessable_token_is_refused(token: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        settings_from({"API_TOKENS": f"{TOKEN},{token}"})
+    message = str(raised.value)
+    assert raised.value.key == "API_TOKENS"
+    assert message.startswith("API_TOKENS: entry 2 ") and "\n" not in message
+    assert 'python -c "import secrets; print(secrets.token_urlsafe(32))"' in message
+    assert token not in message
+
+
+def test_the_examples_show_a_token_to_replace() -> None:
+    assert "replace-me-with-a-long-random-token" in example_tokens()
+
+
+def test_random_tokens_are_accepted() -> None:
+    tokens = [secrets.token_urlsafe(32) for _ in range(500)]
+    tokens += [secrets.token_hex(16) for _ in range(500)]
+    assert settings_from({"API_TOKENS": ",".join(tokens)}).api_tokens == tuple(tokens)
 
 
 def test_configured_database_without_tokens_refuses_to_serve() -> None:

@@ -47,6 +47,7 @@ def test_end_to_end_on_the_configured_database(
             "API_TOKENS",
         ),
         ({"DB_POOL_SIZE": "lots"}, "DB_POOL_SIZE"),
+        ({"API_TOKENS": "replace-me-with-a-long-random-token"}, "API_TOKENS"),
     ],
 )
 def test_bad_setting_stops_start_up_with_one_line(
@@ -58,6 +59,7 @@ def test_bad_setting_stops_start_up_with_one_line(
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"configuration error: {key}: ")
     assert "Hunter2Hunter2" not in result.stderr + result.stdout
+    assert "replace-me" not in result.stderr + result.stdout
 
 
 def test_dotenv_in_the_working_directory_is_read(tmp_path: Path) -> None:
@@ -118,6 +120,7 @@ def test_a_database_that_cannot_be_used_is_one_line_not_a_traceback(
         assert expected in lines[0], lines[0]
         assert "Traceback" not in result.stderr + result.stdout
         assert "Hunter2Hunter2" not in result.stderr + result.stdout
+    assert "replace-me" not in result.stderr + result.stdout
 
 
 def test_serving_a_database_not_there_yet_answers_503_and_logs_one_line_per_failure(

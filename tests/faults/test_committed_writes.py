@@ -59,7 +59,7 @@ async def test_a_write_committed_before_the_deadline_is_answered_as_applied(
                     answer = await patch
                     proxy.silent_from = None
                     after = await client.get("/items/1")
-                log = service.log()
+            log = service.log()  # once the service has ended: every line is written
         finally:
             await locker.close()
     assert answer.status_code == 200, (answer.status_code, answer.text, log[-2000:])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +24,7 @@ from sqlalchemy.engine import URL
 
 from service.config import Settings
 from service.migrate import upgrade_to_head
+from service.replica import CHECK_INTERVAL_SECONDS
 from tests.conftest import AUTH, asyncpg_dsn, fresh_database, run_service, service_environment
 from tests.faults.report import record, status_counts
 from tests.faults.support import ControlledPostgres, Outcome, run_until, seed_rows, send
@@ -346,3 +348,69 @@ async def test_primary_stopped_reads_from_replica_writes_503(
         f"succeeded {first_write:.2f} s after the primary was up",
         first_write,
     )
+
+
+def replica_log_lines(log: str) -> list[str]:
+    """The messages the service's replica logger wrote (JSON log lines)."""
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    return [r["message"] for r in records if r.get("logger") == "service.replica"]
+
+
+async def driver_message(url: URL, sql: str) -> str:
+    """What the driver itself says when `sql` fails on `url` (connecting included)."""
+    try:
+        connection = await asyncpg.connect(asyncpg_dsn(url), timeout=5)
+        try:
+            await connection.fetchval(sql)
+        finally:
+            await connection.close()
+    except (OSError, asyncpg.PostgresError) as exc:
+        return str(exc)
+    raise AssertionError(f"{sql} did not fail on {url.database}")
+
+
+async def test_a_failed_replica_read_is_logged_without_the_drivers_message(
+    replicated: Replicated, tmp_path: Path
+) -> None:
+    # A "replica" that answers its health check but has no table: every read there fails.
+    async with fresh_database(replicated.primary.url(), prefix="unmigrated") as empty:
+        env = {
+            **environment(replicated),
+            "DATABASE_READ_URL": empty.render_as_string(hide_password=False),
+        }
+        with run_service(env, tmp_path) as service:
+            async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
+                deadline = time.monotonic() + 10
+                while (await reads_by_target(client))["fallback"] == 0:
+                    assert time.monotonic() < deadline, "no read ever tried the replica"
+                    assert await value_of(client, 5) == 0.0  # served by the primary
+                    await asyncio.sleep(0.1)
+        said = await driver_message(empty, "SELECT id FROM playing_with_neon WHERE id = 5")
+    lines = [line for line in replica_log_lines(service.log()) if "a read failed" in line]
+    assert lines, service.log()
+    assert said not in lines[0]
+    assert "[SQL" not in lines[0] and "parameters" not in lines[0], lines[0]
+    assert "the table does not exist" in lines[0], lines[0]
+
+
+async def test_a_stopped_replica_is_logged_without_the_drivers_message(
+    replicated: Replicated, tmp_path: Path
+) -> None:
+    with run_service(environment(replicated), tmp_path) as service:
+        async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
+            deadline = time.monotonic() + 10
+            while (await reads_by_target(client))["replica"] == 0:
+                assert time.monotonic() < deadline, "the replica never became healthy"
+                await value_of(client, 5)
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(replicated.replica.stop, "fast")
+            # No reads meanwhile: the background check is the one to find the replica gone.
+            await asyncio.sleep(3 * CHECK_INTERVAL_SECONDS)
+    said = await driver_message(replicated.replica_url, "SELECT 1")
+    lines = [line for line in replica_log_lines(service.log()) if "goes" in line or "go to" in line]
+    down = [line for line in lines if "primary" in line]
+    assert down, service.log()
+    assert said not in down[0] and str(replicated.replica_url.port) not in down[0], down[0]
+    # Named as service.errors names a refusal, not as the driver's exception.
+    assert not re.search(r"\w+Error\(|\[SQL", down[0]), down[0]
+    assert "connection refused (" in down[0] or "lost mid-statement" in down[0], down[0]
