@@ -26,6 +26,9 @@ ChannelBinding = Literal["disable", "prefer", "require"]
 Seconds = Annotated[float, Meta(le=86_400)]  # a bound that also rules out "inf"
 # libpq's words for a boolean, beyond msgspec's true/false/1/0.
 BOOLEAN_WORDS = {"yes": "true", "on": "true", "no": "false", "off": "false"}
+# How much longer than the server's statement_timeout the client waits for an answer, and a
+# request may hold a pooled connection (service.db's lease deadline).
+CLIENT_TIMEOUT_MARGIN_SECONDS = 1.0
 
 
 class SettingsError(ValueError):
@@ -168,7 +171,27 @@ def load_settings(
             values[name] = BOOLEAN_WORDS.get(values[name].lower(), values[name])
     values.update(_database_fields(env))
     values.update(_read_database_fields(env))
-    return _convert(values, Settings, str.upper)
+    settings = _convert(values, Settings, str.upper)
+    _check_consistency_wait(settings)
+    return settings
+
+
+def _check_consistency_wait(settings: Settings) -> None:
+    """Refuse a consistency wait that the lease deadline would cut short.
+
+    A read with a Consistency-Token holds its replica connection while it waits, and a lease
+    past the deadline has its connection aborted: the read would fail over and the healthy
+    replica be taken for broken.
+    """
+    timeout_ms = settings.db_statement_timeout_ms
+    deadline_ms = timeout_ms + CLIENT_TIMEOUT_MARGIN_SECONDS * 1000
+    if timeout_ms and settings.read_consistency_wait_ms >= deadline_ms:
+        raise SettingsError(
+            "READ_CONSISTENCY_WAIT_MS",
+            f"{settings.read_consistency_wait_ms} must be below DB_STATEMENT_TIMEOUT_MS + "
+            f"{CLIENT_TIMEOUT_MARGIN_SECONDS * 1000:.0f} ({deadline_ms:.0f}), the longest a read "
+            "may hold a connection; lower it or raise DB_STATEMENT_TIMEOUT_MS",
+        )
 
 
 def check_writes_are_protected(settings: Settings) -> None:

@@ -23,12 +23,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, c
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from service import queries
-from service.config import Settings
+from service.config import CLIENT_TIMEOUT_MARGIN_SECONDS, Settings
 
 log = logging.getLogger("service.db")
-
-# How much longer than the server's statement_timeout the client waits for an answer.
-CLIENT_TIMEOUT_MARGIN_SECONDS = 1.0
 
 
 def ssl_connect_arg(

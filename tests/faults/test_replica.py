@@ -354,21 +354,22 @@ async def test_a_busy_replica_pool_sends_reads_to_the_primary_within_the_wait(
             stop.set()
             held = await holders
             await on_replica(replicated, "SELECT pg_wal_replay_resume()")
+    # Waiting for a replica connection counts against the wait: then the primary answers. (The
+    # connection may also come free in time, and the replica answer it with the old value.)
     assert plain.status == 200, plain.body
     assert plain.elapsed <= wait + 1.0, f"answered after {plain.elapsed:.2f} s"
-    # The primary answered it: the paused replica still has the old value.
-    assert json.loads(plain.body)["value"] == 9.5
     assert held and all(o.status == 200 and json.loads(o.body)["value"] == 9.5 for o in held)
     slowest = max(o.elapsed for o in held)
-    assert slowest <= 2 * wait + 1.0, f"a token read took {slowest:.2f} s"
+    assert slowest <= wait + 1.0, f"a token read took {slowest:.2f} s"
+    served_by = "primary" if json.loads(plain.body)["value"] == 9.5 else "replica"
     record(
         "Fault 9",
         "Replica pool of 1 held by 12 clients' token reads waiting for a paused replay "
         "(READ_CONSISTENCY_WAIT_MS=500, DB_POOL_TIMEOUT=5), then a read without a token",
         len(held) + 1,
         status_counts([*(o.status for o in held), plain.status]),
-        f"the token-less read answered by the primary after {plain.elapsed * 1000:.0f} ms; "
-        f"the slowest token read {slowest * 1000:.0f} ms; every read saw the write",
+        f"the token-less read answered by the {served_by} after {plain.elapsed * 1000:.0f} ms; "
+        f"the slowest of {len(held)} token reads {slowest * 1000:.0f} ms, each saw the write",
     )
 
 
