@@ -117,6 +117,7 @@ async def start_replica(settings: Settings, metrics: Metrics) -> Replica | None:
         primary_probe=create_probe_engine(settings),
         max_lag_seconds=settings.read_max_lag_ms / 1000,
         consistency_wait_seconds=settings.read_consistency_wait_ms / 1000,
+        behind_pooler=settings.behind_pooler,
     )
     log.info("reads go to the replica %s", describe_database(engine.url))
     await replica.check()

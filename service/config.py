@@ -37,6 +37,9 @@ PLACEHOLDER_TOKENS = frozenset(
 # Estimated bits a token must carry (token_bits): 2**64 guesses are out of reach over HTTP.
 MIN_TOKEN_BITS = 64
 RANDOM_RECIPE = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+# How much longer than the server's statement_timeout the client waits for an answer, and a
+# request may hold a pooled connection (service.db's lease deadline).
+CLIENT_TIMEOUT_MARGIN_SECONDS = 1.0
 
 
 class SettingsError(ValueError):
@@ -221,6 +224,7 @@ def load_settings(
     values.update(_read_database_fields(env))
     settings = _convert(values, Settings, str.upper)
     _check_tokens(settings.api_tokens)
+    _check_consistency_wait(settings)
     return settings
 
 
@@ -234,6 +238,24 @@ def token_bits(token: str) -> float:
     """
     counts = Counter(token).values()
     return -sum(n * math.log2(n / len(token)) for n in counts)
+
+
+def _check_consistency_wait(settings: Settings) -> None:
+    """Refuse a consistency wait that the lease deadline would cut short.
+
+    A read with a Consistency-Token holds its replica connection while it waits, and a lease
+    past the deadline has its connection aborted: the read would fail over and the healthy
+    replica be taken for broken.
+    """
+    timeout_ms = settings.db_statement_timeout_ms
+    deadline_ms = timeout_ms + CLIENT_TIMEOUT_MARGIN_SECONDS * 1000
+    if timeout_ms and settings.read_consistency_wait_ms >= deadline_ms:
+        raise SettingsError(
+            "READ_CONSISTENCY_WAIT_MS",
+            f"{settings.read_consistency_wait_ms} must be below DB_STATEMENT_TIMEOUT_MS + "
+            f"{CLIENT_TIMEOUT_MARGIN_SECONDS * 1000:.0f} ({deadline_ms:.0f}), the longest a read "
+            "may hold a connection; lower it or raise DB_STATEMENT_TIMEOUT_MS",
+        )
 
 
 def check_writes_are_protected(settings: Settings) -> None:

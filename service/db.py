@@ -28,12 +28,9 @@ from sqlalchemy.pool import (
 )
 
 from service import queries
-from service.config import Settings
+from service.config import CLIENT_TIMEOUT_MARGIN_SECONDS, Settings
 
 log = logging.getLogger("service.db")
-
-# How much longer than the server's statement_timeout the client waits for an answer.
-CLIENT_TIMEOUT_MARGIN_SECONDS = 1.0
 
 
 def ssl_connect_arg(
@@ -359,23 +356,26 @@ class SessionPool:
         self._leases: set[_Lease] = set()
         self._deadline_sweep: asyncio.TimerHandle | None = None
 
-    def lease(self) -> _Lease:
+    def lease(self, timeout: float | None = None) -> _Lease:
         """`async with pool.lease() as session`: a session for one request.
 
-        Writes commit explicitly; whatever a request leaves open is undone when it ends.
+        Writes commit explicitly; whatever a request leaves open is undone when it ends. With
+        `timeout`, the wait for a free session is at most that many seconds, when shorter than
+        the pool's own (a read that the primary can answer instead).
         """
-        return _Lease(self)
+        return _Lease(self, timeout)
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncSession]:
+    async def transaction(self, wait: float | None = None) -> AsyncIterator[AsyncSession]:
         """`async with pool.transaction() as session`: a leased session in one real transaction,
         committed when the block ends normally, rolled back when it raises.
 
         The request engine is in autocommit mode (each statement its own transaction), so BEGIN
         and COMMIT are sent by hand there; behind a pooler SQLAlchemy begins one itself. Either
         way a failed lease ends the transaction before the connection serves anyone else.
+        `wait` as `lease`'s timeout.
         """
-        async with self.lease() as session:
+        async with self.lease(wait) as session:
             if not self.transactional:
                 await session.execute(queries.BEGIN)
             yield session
@@ -414,7 +414,7 @@ class SessionPool:
         for slot in self._idle:
             await self._discard(slot)
 
-    async def _acquire(self) -> _Slot:
+    async def _acquire(self, within: float | None = None) -> _Slot:
         if self._closed:
             raise PoolClosed("the service is shutting down")
         if self._idle and not self._waiters:
@@ -426,6 +426,13 @@ class SessionPool:
         self._waiters.append((started + self.timeout, waiter))
         if self._waiter_expiry is None:
             self._waiter_expiry = loop.call_at(started + self.timeout, self._expire_waiters)
+        # A shorter wait gets a timer of its own; in the line it keeps the pool's expiry, so the
+        # line stays in expiry order for the shared timer.
+        own_expiry = (
+            loop.call_at(started + within, _expire, waiter, within)
+            if within is not None and within < self.timeout
+            else None
+        )
         try:
             slot = await waiter
         except BaseException:
@@ -433,6 +440,9 @@ class SessionPool:
                 self._release(waiter.result())  # handed over in the instant we were cancelled
             waiter.cancel()
             raise
+        finally:
+            if own_expiry is not None:
+                own_expiry.cancel()
         self.observe_wait(loop.time() - started)
         return slot
 
@@ -442,11 +452,7 @@ class SessionPool:
         now = loop.time()
         waiters = self._waiters
         while waiters and (waiters[0][0] <= now or waiters[0][1].done()):
-            waiter = waiters.popleft()[1]
-            if not waiter.done():
-                waiter.set_exception(
-                    PoolTimeout(f"no database connection became free within {self.timeout:g} s")
-                )
+            _expire(waiters.popleft()[1], self.timeout)
         self._waiter_expiry = loop.call_at(waiters[0][0], self._expire_waiters) if waiters else None
 
     def _release(self, slot: _Slot) -> None:
@@ -546,20 +552,29 @@ class SessionPool:
                 await connection.invalidate()
 
 
+def _expire(waiter: asyncio.Future[_Slot], timeout: float) -> None:
+    """Fail a waiter for a session that is still waiting after `timeout` seconds."""
+    if not waiter.done():
+        waiter.set_exception(
+            PoolTimeout(f"no database connection became free within {timeout:g} s")
+        )
+
+
 class _Lease:
     """What `SessionPool.lease()` returns: a class, not a generator, to keep a request cheap."""
 
-    __slots__ = ("expired", "pool", "slot", "started")
+    __slots__ = ("expired", "pool", "slot", "started", "timeout")
 
-    def __init__(self, pool: SessionPool) -> None:
+    def __init__(self, pool: SessionPool, timeout: float | None = None) -> None:
         self.pool = pool
+        self.timeout = timeout  # the longest wait for a session, if shorter than the pool's
         self.slot: _Slot | None = None
         self.started = 0.0  # loop time the session was handed over
         self.expired = False
 
     async def __aenter__(self) -> AsyncSession:
         pool = self.pool
-        slot = self.slot = await pool._acquire()
+        slot = self.slot = await pool._acquire(self.timeout)
         try:
             session = slot.session
             if session is None or pool._stale(slot):

@@ -65,7 +65,8 @@ class ReplicaCollector(Collector):
         reads = CounterMetricFamily(
             "db_reads",
             "Reads by where they were served: replica; primary (the replica had not replayed "
-            "the Consistency-Token in time); fallback (the replica was down, lagging or failed).",
+            "the Consistency-Token in time); fallback (the replica was down, lagging or failed, or "
+            "every replica connection stayed busy for READ_CONSISTENCY_WAIT_MS).",
             labels=("target",),
         )
         for target, count in replica.reads.items():

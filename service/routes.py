@@ -221,15 +221,20 @@ async def _read(
 
 
 async def _run_read(
-    sessions: SessionPool, statement: Executable, params: Mapping[str, object]
+    sessions: SessionPool,
+    statement: Executable,
+    params: Mapping[str, object],
+    wait: float | None = None,
 ) -> Sequence[Any]:
-    """A read on a leased session.
+    """A read on a leased session, waiting at most `wait` seconds for one if given.
 
     A read whose connection turns out dead (the server ended idle sessions or restarted before
     the pool could notice) is sent once more on a fresh connection: it changed nothing and
     returned nothing yet.
     """
-    return await _run(sessions, statement, params, commit=False, retry_if=connection_was_lost)
+    return await _run(
+        sessions, statement, params, commit=False, retry_if=connection_was_lost, wait=wait
+    )
 
 
 async def _write(
@@ -260,10 +265,11 @@ async def _run(
     commit: bool,
     retry_if: Callable[[BaseException], bool],
     token_to: dict[str, Any] | None = None,
+    wait: float | None = None,
 ) -> Sequence[Any]:
     for attempt in (1, 2):
         try:
-            async with sessions.lease() as session:
+            async with sessions.lease(wait) as session:
                 rows = (await session.execute(statement, params)).all()
                 if commit:
                     await session.commit()

@@ -337,3 +337,27 @@ def test_bad_read_setting_names_its_key(env: dict[str, str], key: str) -> None:
     with pytest.raises(SettingsError) as error:
         settings_from(env)
     assert error.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("env", "refused"),
+    [
+        ({"READ_CONSISTENCY_WAIT_MS": "6000"}, True),  # the default 5000 ms timeout + 1 s
+        ({"READ_CONSISTENCY_WAIT_MS": "5999"}, False),
+        ({"READ_CONSISTENCY_WAIT_MS": "2000", "DB_STATEMENT_TIMEOUT_MS": "500"}, True),
+        ({"READ_CONSISTENCY_WAIT_MS": "60000", "DB_STATEMENT_TIMEOUT_MS": "0"}, False),
+    ],
+)
+def test_a_consistency_wait_past_the_lease_deadline_is_refused(
+    env: dict[str, str], refused: bool
+) -> None:
+    # A token read holds its replica connection while it waits; a lease is aborted at the
+    # deadline, and the replica then taken for broken.
+    if not refused:
+        assert settings_from(env).read_consistency_wait_ms == int(env["READ_CONSISTENCY_WAIT_MS"])
+        return
+    with pytest.raises(SettingsError) as error:
+        settings_from(env)
+    assert error.value.key == "READ_CONSISTENCY_WAIT_MS"
+    message = str(error.value)
+    assert "\n" not in message and "DB_STATEMENT_TIMEOUT_MS" in message

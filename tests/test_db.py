@@ -88,6 +88,30 @@ async def test_a_full_pool_times_out_with_pool_timeout(autocommit_engine: AsyncE
     await pool.close()
 
 
+async def test_a_lease_may_wait_less_than_the_pool_timeout(
+    autocommit_engine: AsyncEngine,
+) -> None:
+    pool = make_pool(autocommit_engine, size=1, timeout=5)
+
+    async def patient_lease() -> None:
+        async with pool.lease() as session:
+            await session.execute(text("SELECT 1"))
+
+    async with pool.lease():
+        # Behind a waiter of the pool's own timeout, the shorter one still gives up in time.
+        patient = asyncio.create_task(patient_lease())
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(PoolTimeout, match=r"within 0\.2 s"):
+            async with pool.lease(timeout=0.2):
+                pass
+        assert 0.15 < time.monotonic() - started < 0.2 + 2.0
+        assert not patient.done()
+    await patient  # the patient waiter is still served once the session is free
+    assert pool.checked_out == 0
+    await pool.close()
+
+
 async def test_waiters_are_served_first_come_first_served(
     autocommit_engine: AsyncEngine,
 ) -> None:

@@ -61,6 +61,9 @@ def pgbouncer_version(binary: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
 
 
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
 def run_as() -> str | None:
     """The system user the database processes run as: pgserver's when we are root."""
     return SYSTEM_USER if os.geteuid() == 0 else None
@@ -312,10 +315,18 @@ class PgBouncer:
 
     @classmethod
     def start(
-        cls, postgres: ControlledPostgres, binary: str = LEGACY_PGBOUNCER, pool_size: int = 4
+        cls,
+        postgres: ControlledPostgres,
+        binary: str = LEGACY_PGBOUNCER,
+        pool_size: int = 4,
+        upstream_port: int | None = None,
     ) -> PgBouncer:
         """Write its ini and user list into a temporary folder and start `binary` in the
-        foreground; a PgBouncer >= 1.21 tracks up to 200 prepared statements per connection."""
+        foreground; a PgBouncer >= 1.21 tracks up to 200 prepared statements per connection.
+
+        It connects to `postgres`, or with `upstream_port` to whatever listens there (a load
+        balancer in front of servers that share `postgres`' password).
+        """
         version = pgbouncer_version(binary)
         root = Path(tempfile.mkdtemp(prefix="faults-pgb-"))
         _prepare_system_user(root)
@@ -332,7 +343,7 @@ class PgBouncer:
             "\n".join(
                 [
                     "[databases]",
-                    f"* = host=127.0.0.1 port={postgres.port}",
+                    f"* = host=127.0.0.1 port={upstream_port or postgres.port}",
                     "[pgbouncer]",
                     "listen_addr = 127.0.0.1",
                     f"listen_port = {port}",
@@ -392,13 +403,79 @@ class PgBouncer:
 
     def stop(self) -> None:
         """Stop the pooler (by its own PID) and remove its folder."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        _end(self.process)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a process we started, by its PID; SIGKILL it if it has not exited in 10 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclasses.dataclass
+class TcpBalancer:
+    """Debian's HAProxy in TCP mode on 127.0.0.1:port, round robin over servers' ports.
+
+    As an RDS reader endpoint or a Kubernetes `-ro` Service does: each new connection goes to the
+    next server, and stays with it for its life.
+    """
+
+    root: Path
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(cls, upstream_ports: list[int]) -> TcpBalancer:
+        """Write its config into a temporary folder and start it in the foreground."""
+        root = Path(tempfile.mkdtemp(prefix="faults-haproxy-"))
+        port = free_port()
+        servers = [f"    server s{n} 127.0.0.1:{p}" for n, p in enumerate(upstream_ports, 1)]
+        (root / "haproxy.cfg").write_text(
+            "\n".join(
+                [
+                    "defaults",
+                    "    mode tcp",
+                    "    timeout connect 2s",
+                    "    timeout client 120s",
+                    "    timeout server 120s",
+                    "frontend readers",
+                    f"    bind 127.0.0.1:{port}",
+                    "    default_backend replicas",
+                    "backend replicas",
+                    "    balance roundrobin",
+                    *servers,
+                    "",
+                ]
+            )
+        )
+        with (root / "haproxy.log").open("wb") as log:
+            process = subprocess.Popen(
+                [HAPROXY, "-db", "-f", str(root / "haproxy.cfg")],
+                cwd=root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        balancer = cls(root=root, port=port, process=process)
+        try:
+            wait_for_port(port)
+        except TimeoutError:
+            balancer.stop()
+            raise RuntimeError(f"haproxy did not start:\n{balancer.log()}") from None
+        return balancer
+
+    def log(self) -> str:
+        path = self.root / "haproxy.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self) -> None:
+        """Stop HAProxy (by its own PID) and remove its folder."""
+        _end(self.process)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -2,7 +2,9 @@
 
 A primary and a streaming replica of it (pg_basebackup -R), both real servers of this module's
 own. Reads go to the replica; a read with a write's Consistency-Token sees that write even while
-the replica's replay is paused; the replica stopped under load costs no read an error; the
+the replica's replay is paused, and also behind a round-robin balancer over two replicas, one of
+them paused; a replica pool kept busy by reads waiting for replay sends the others to the
+primary within the consistency wait; the replica stopped under load costs no read an error; the
 primary stopped leaves token-less reads answered by the replica and writes 503 + Retry-After.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -27,7 +30,16 @@ from service.migrate import upgrade_to_head
 from service.replica import CHECK_INTERVAL_SECONDS
 from tests.conftest import AUTH, asyncpg_dsn, fresh_database, run_service, service_environment
 from tests.faults.report import record, status_counts
-from tests.faults.support import ControlledPostgres, Outcome, run_until, seed_rows, send
+from tests.faults.support import (
+    LEGACY_PGBOUNCER,
+    ControlledPostgres,
+    Outcome,
+    PgBouncer,
+    TcpBalancer,
+    run_until,
+    seed_rows,
+    send,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +78,18 @@ def servers() -> Iterator[tuple[ControlledPostgres, ControlledPostgres]]:
         primary.destroy()
 
 
+@pytest.fixture(scope="module")
+def second_replica(
+    servers: tuple[ControlledPostgres, ControlledPostgres],
+) -> Iterator[ControlledPostgres]:
+    """Another streaming replica of the same primary, for the tests of a balanced reader."""
+    replica = servers[0].create_replica()
+    try:
+        yield replica
+    finally:
+        replica.destroy()
+
+
 @pytest.fixture
 async def replicated(
     servers: tuple[ControlledPostgres, ControlledPostgres],
@@ -90,17 +114,17 @@ async def replicated(
             await on_replica(setup, "SELECT pg_wal_replay_resume()")
 
 
-async def on_replica(setup: Replicated, sql: str) -> Any:
-    """One statement on the replica, through a connection of the test's own."""
-    connection = await asyncpg.connect(asyncpg_dsn(setup.replica_url))
+async def on_replica(setup: Replicated, sql: str, replica: URL | None = None) -> Any:
+    """One statement on the replica (or on `replica`), through a connection of the test's own."""
+    connection = await asyncpg.connect(asyncpg_dsn(replica or setup.replica_url))
     try:
         return await connection.fetchval(sql)
     finally:
         await connection.close()
 
 
-async def caught_up(setup: Replicated) -> None:
-    """Wait until the replica has replayed everything the primary has written so far."""
+async def caught_up(setup: Replicated, replica: URL | None = None) -> None:
+    """Wait until the replica (or `replica`) has replayed everything the primary has written."""
     primary = await asyncpg.connect(asyncpg_dsn(setup.url))
     try:
         position = await primary.fetchval("SELECT pg_current_wal_lsn()::text")
@@ -109,7 +133,8 @@ async def caught_up(setup: Replicated) -> None:
     deadline = time.monotonic() + CATCH_UP_SECONDS
     while time.monotonic() < deadline:
         try:
-            if await on_replica(setup, f"SELECT pg_last_wal_replay_lsn() >= '{position}'::pg_lsn"):
+            replayed = f"SELECT pg_last_wal_replay_lsn() >= '{position}'::pg_lsn"
+            if await on_replica(setup, replayed, replica):
                 return
         except (OSError, asyncpg.PostgresError):
             pass  # the database itself may not be replayed yet, or the replica is starting
@@ -117,16 +142,15 @@ async def caught_up(setup: Replicated) -> None:
     raise AssertionError(f"the replica did not replay {position} within {CATCH_UP_SECONDS} s")
 
 
-def environment(setup: Replicated, **overrides: str) -> dict[str, str]:
-    return service_environment(
-        setup.url,
-        DATABASE_READ_URL=setup.replica_url.render_as_string(hide_password=False),
-        DB_POOL_TIMEOUT=str(POOL_TIMEOUT),
-        DB_POOL_SIZE="4",
-        DB_READ_POOL_SIZE="4",
-        SHUTDOWN_DELAY_SECONDS="0",
-        **overrides,
-    )
+def environment(setup: Replicated, read_url: URL | None = None, **overrides: str) -> dict[str, str]:
+    defaults = {
+        "DATABASE_READ_URL": (read_url or setup.replica_url).render_as_string(hide_password=False),
+        "DB_POOL_TIMEOUT": str(POOL_TIMEOUT),
+        "DB_POOL_SIZE": "4",
+        "DB_READ_POOL_SIZE": "4",
+        "SHUTDOWN_DELAY_SECONDS": "0",
+    }
+    return service_environment(setup.url, **{**defaults, **overrides})
 
 
 async def reads_by_target(client: httpx.AsyncClient) -> dict[str, float]:
@@ -229,6 +253,124 @@ async def test_a_token_read_sees_the_write_while_replay_is_paused(
         f"the token read saw the new value from the primary after {waited * 1000:.0f} ms "
         "(READ_CONSISTENCY_WAIT_MS=200); the token-less read the old value from the replica; "
         "after the resume the token read was served by the replica",
+    )
+
+
+BALANCED_ROUNDS = 160
+BALANCED_CLIENTS = 8
+
+
+@pytest.mark.parametrize("pooler", [False, True], ids=["haproxy", "pgbouncer-over-haproxy"])
+async def test_token_reads_see_their_write_behind_a_balanced_reader(
+    replicated: Replicated, second_replica: ControlledPostgres, tmp_path: Path, pooler: bool
+) -> None:
+    # An RDS reader endpoint, a CloudNativePG -ro Service: each connection to the read URL may
+    # reach either replica, and one of them has stopped replaying.
+    if pooler and not os.access(LEGACY_PGBOUNCER, os.X_OK):
+        pytest.skip("pgbouncer is not installed (Debian: apt-get install -y pgbouncer)")
+    paused = second_replica.url(replicated.url.database or "")
+    await caught_up(replicated, paused)
+    balancer = TcpBalancer.start([replicated.replica.port, second_replica.port])
+    bouncer = PgBouncer.start(replicated.replica, upstream_port=balancer.port) if pooler else None
+    stale: list[tuple[int, float, float]] = []
+    try:
+        read_url = replicated.replica_url.set(port=(bouncer or balancer).port)
+        env = environment(
+            replicated,
+            read_url,
+            READ_MAX_LAG_MS="60000",
+            READ_CONSISTENCY_WAIT_MS="100",
+            **({"DB_PGBOUNCER": "true"} if pooler else {}),
+        )
+        await on_replica(replicated, "SELECT pg_wal_replay_pause()", paused)
+        with run_service(env, tmp_path) as service:
+            async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
+
+                async def writes_then_reads(item_id: int) -> None:
+                    for round_ in range(1, BALANCED_ROUNDS // BALANCED_CLIENTS + 1):
+                        value = float(round_)
+                        batch = [{"id": item_id, "value": value}]
+                        write = await client.patch("/items", json=batch, headers=AUTH)
+                        assert write.status_code == 200, write.text
+                        seen = await value_of(client, item_id, write.headers["consistency-token"])
+                        if seen != value:
+                            stale.append((item_id, value, seen))
+
+                await asyncio.gather(
+                    *(writes_then_reads(n) for n in range(1, BALANCED_CLIENTS + 1))
+                )
+                reads = await reads_by_target(client)
+    finally:
+        await on_replica(replicated, "SELECT pg_wal_replay_resume()", paused)
+        if bouncer is not None:
+            bouncer.stop()
+        balancer.stop()
+    assert not stale, (
+        f"{len(stale)} of {BALANCED_ROUNDS} reads with their write's token saw an older value "
+        f"(item, written, seen): {stale[:5]}"
+    )
+    # Both replicas were reached: the paused one's reads waited, then went to the primary.
+    assert reads["replica"] > 0 and reads["primary"] > 0, reads
+    assert reads["replica"] + reads["primary"] == BALANCED_ROUNDS, reads
+    via = "PgBouncer (transaction mode) over HAProxy" if pooler else "HAProxy"
+    record(
+        "Fault 9",
+        f"Two streaming replicas behind {via} round robin as DATABASE_READ_URL, replay paused on "
+        f"one; {BALANCED_CLIENTS} clients each PATCH then GET with the write's Consistency-Token",
+        2 * BALANCED_ROUNDS,
+        {200: 2 * BALANCED_ROUNDS},
+        f"{BALANCED_ROUNDS} of {BALANCED_ROUNDS} token reads saw their write: "
+        f"{reads['replica']:.0f} served by a replica that had replayed it, "
+        f"{reads['primary']:.0f} by the primary after READ_CONSISTENCY_WAIT_MS=100",
+    )
+
+
+async def test_a_busy_replica_pool_sends_reads_to_the_primary_within_the_wait(
+    replicated: Replicated, tmp_path: Path
+) -> None:
+    # One replica connection, held by token reads that wait for a paused replay: a read without
+    # a token must not queue for DB_POOL_TIMEOUT (5 s here) before the primary answers it.
+    wait = 0.5
+    env = environment(
+        replicated,
+        DB_READ_POOL_SIZE="1",
+        DB_POOL_TIMEOUT="5",
+        READ_MAX_LAG_MS="60000",
+        READ_CONSISTENCY_WAIT_MS=str(int(wait * 1000)),
+    )
+    with run_service(env, tmp_path) as service:
+        async with httpx.AsyncClient(base_url=service.base_url, timeout=30) as client:
+            await on_replica(replicated, "SELECT pg_wal_replay_pause()")
+            write = await client.patch("/items", json=[{"id": 9, "value": 9.5}], headers=AUTH)
+            token = write.headers["consistency-token"]
+            stop = asyncio.Event()
+
+            async def token_read(worker: int, sequence: int) -> Outcome:
+                headers = {"Consistency-Token": token}
+                return await send(client, "token", "GET", "/items/9", headers=headers)
+
+            holders = asyncio.create_task(run_until(stop, 12, token_read, 1000))
+            await asyncio.sleep(2 * wait)  # the slot is taken and reads queue for it
+            plain = await send(client, "plain", "GET", "/items/9")
+            stop.set()
+            held = await holders
+            await on_replica(replicated, "SELECT pg_wal_replay_resume()")
+    # Waiting for a replica connection counts against the wait: then the primary answers. (The
+    # connection may also come free in time, and the replica answer it with the old value.)
+    assert plain.status == 200, plain.body
+    assert plain.elapsed <= wait + 1.0, f"answered after {plain.elapsed:.2f} s"
+    assert held and all(o.status == 200 and json.loads(o.body)["value"] == 9.5 for o in held)
+    slowest = max(o.elapsed for o in held)
+    assert slowest <= wait + 1.0, f"a token read took {slowest:.2f} s"
+    served_by = "primary" if json.loads(plain.body)["value"] == 9.5 else "replica"
+    record(
+        "Fault 9",
+        "Replica pool of 1 held by 12 clients' token reads waiting for a paused replay "
+        "(READ_CONSISTENCY_WAIT_MS=500, DB_POOL_TIMEOUT=5), then a read without a token",
+        len(held) + 1,
+        status_counts([*(o.status for o in held), plain.status]),
+        f"the token-less read answered by the {served_by} after {plain.elapsed * 1000:.0f} ms; "
+        f"the slowest of {len(held)} token reads {slowest * 1000:.0f} ms, each saw the write",
     )
 
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import URL
 
-from service.db import CLIENT_TIMEOUT_MARGIN_SECONDS
+from service.config import CLIENT_TIMEOUT_MARGIN_SECONDS
 from tests.conftest import AUTH, run_service, service_environment
 from tests.faults.report import record, status_counts
 from tests.faults.support import TcpProxy, seed_rows, send
