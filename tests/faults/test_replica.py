@@ -36,6 +36,7 @@ from tests.faults.support import (
     Outcome,
     PgBouncer,
     TcpBalancer,
+    modern_pgbouncer,
     run_until,
     seed_rows,
     send,
@@ -260,28 +261,46 @@ BALANCED_ROUNDS = 160
 BALANCED_CLIENTS = 8
 
 
-@pytest.mark.parametrize("pooler", [False, True], ids=["haproxy", "pgbouncer-over-haproxy"])
+# Through PgBouncer, the old mode on Debian's 1.18 and the fast one (DB_POOLER=transaction) on a
+# PgBouncer >= 1.21, which the primary's URL goes through too: the mode is the same for both.
+POOLERS = {
+    "haproxy": None,
+    "pgbouncer-unprepared-over-haproxy": "transaction-unprepared",
+    "pgbouncer-fast-over-haproxy": "transaction",
+}
+
+
+@pytest.mark.parametrize("pooler", list(POOLERS.values()), ids=list(POOLERS))
 async def test_token_reads_see_their_write_behind_a_balanced_reader(
-    replicated: Replicated, second_replica: ControlledPostgres, tmp_path: Path, pooler: bool
+    replicated: Replicated, second_replica: ControlledPostgres, tmp_path: Path, pooler: str | None
 ) -> None:
     # An RDS reader endpoint, a CloudNativePG -ro Service: each connection to the read URL may
     # reach either replica, and one of them has stopped replaying.
-    if pooler and not os.access(LEGACY_PGBOUNCER, os.X_OK):
-        pytest.skip("pgbouncer is not installed (Debian: apt-get install -y pgbouncer)")
+    binary = modern_pgbouncer() if pooler == "transaction" else LEGACY_PGBOUNCER
+    if pooler and (binary is None or not os.access(binary, os.X_OK)):
+        pytest.skip(f"no PgBouncer for DB_POOLER={pooler} (see tests/build-pgbouncer.sh)")
     paused = second_replica.url(replicated.url.database or "")
     await caught_up(replicated, paused)
     balancer = TcpBalancer.start([replicated.replica.port, second_replica.port])
-    bouncer = PgBouncer.start(replicated.replica, upstream_port=balancer.port) if pooler else None
+    bouncers = []
+    if pooler and binary:
+        bouncers.append(PgBouncer.start(replicated.replica, binary, upstream_port=balancer.port))
+    if pooler == "transaction" and binary:
+        bouncers.append(PgBouncer.start(replicated.primary, binary))
     stale: list[tuple[int, float, float]] = []
     try:
-        read_url = replicated.replica_url.set(port=(bouncer or balancer).port)
+        read_url = replicated.replica_url.set(port=(bouncers[0] if bouncers else balancer).port)
         env = environment(
             replicated,
             read_url,
             READ_MAX_LAG_MS="60000",
             READ_CONSISTENCY_WAIT_MS="100",
-            **({"DB_PGBOUNCER": "true"} if pooler else {}),
+            **({"DB_POOLER": pooler} if pooler else {}),
         )
+        if pooler == "transaction":
+            env["DATABASE_URL"] = replicated.url.set(port=bouncers[1].port).render_as_string(
+                hide_password=False
+            )
         await on_replica(replicated, "SELECT pg_wal_replay_pause()", paused)
         with run_service(env, tmp_path) as service:
             async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as client:
@@ -302,7 +321,7 @@ async def test_token_reads_see_their_write_behind_a_balanced_reader(
                 reads = await reads_by_target(client)
     finally:
         await on_replica(replicated, "SELECT pg_wal_replay_resume()", paused)
-        if bouncer is not None:
+        for bouncer in bouncers:
             bouncer.stop()
         balancer.stop()
     assert not stale, (
@@ -312,7 +331,7 @@ async def test_token_reads_see_their_write_behind_a_balanced_reader(
     # Both replicas were reached: the paused one's reads waited, then went to the primary.
     assert reads["replica"] > 0 and reads["primary"] > 0, reads
     assert reads["replica"] + reads["primary"] == BALANCED_ROUNDS, reads
-    via = "PgBouncer (transaction mode) over HAProxy" if pooler else "HAProxy"
+    via = f"PgBouncer (DB_POOLER={pooler}) over HAProxy" if pooler else "HAProxy"
     record(
         "Fault 9",
         f"Two streaming replicas behind {via} round robin as DATABASE_READ_URL, replay paused on "
