@@ -1,7 +1,7 @@
 """Idempotency-Key on POST and PATCH: a retried write gets the stored answer, applied once.
 
-The key is claimed (a transaction-scoped advisory lock), the write runs, and its answer is stored
-in one transaction: the answer is stored with the write, or neither happened. Keys belong to the
+The key is claimed (a transaction-scoped advisory lock), the write runs, and its rows are stored
+in one statement: the answer is stored with the write, or neither happened. Keys belong to the
 bearer token that used them and expire after IDEMPOTENCY_TTL_SECONDS; a background task deletes
 expired ones in small batches, one pod at a time.
 """
@@ -14,9 +14,9 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import msgspec
 from litestar import Request
 from sqlalchemy import Executable
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import queries
 from service.auth import token_digest
@@ -65,65 +65,64 @@ async def write_once(
     params: Mapping[str, object],
     answer: Callable[[Sequence[Any]], Answer],
 ) -> JSONAnswer:
-    """Run the write and store `answer(rows)` under the key, or replay the answer stored there.
+    """Run the write and store its rows under the key, or replay the answer stored there: one
+    statement (`queries.UPDATE_ITEM_VALUES_ONCE`, `INSERT_ITEMS_ONCE`), so one round trip.
 
-    The answer is encoded already, so a handler can return it as its own.
+    `answer(rows)` makes the status and body from the write's rows, the first time as on a
+    replay, so the answer is encoded already and a handler can return it as its own.
 
-    Sent once more, like any write, only if it provably never reached the server.
+    Sent once more, like any write, only if it provably never reached the server, or if the
+    statement found an answer stored while it ran (then nothing of it was applied).
     """
     scope = token_digest(request)
-    claim = {
+    fingerprint = hashlib.sha256(
+        b"%s %s\n%s" % (request.method.encode(), request.url.path.encode(), await request.body())
+    ).digest()
+    claimed = {
+        **params,
         "token_digest": scope,
         "key": key,
         "lock_id": key_lock_id(scope, key),
         "ttl_seconds": request.app.state.settings.idempotency_ttl_seconds,
+        "fingerprint": fingerprint,
     }
-    fingerprint = hashlib.sha256(
-        b"%s %s\n%s" % (request.method.encode(), request.url.path.encode(), await request.body())
-    ).digest()
     sessions: SessionPool = request.app.state.sessions
     for attempt in (1, 2):
         try:
-            async with sessions.transaction() as session:
-                return await _claimed_write(session, claim, fingerprint, statement, params, answer)
+            async with sessions.lease() as session:
+                outcome = (await session.execute(statement, claimed)).one()
+                await session.commit()  # behind an unprepared pooler: ends the lock's transaction
+            break
         except Exception as exc:
-            if attempt == 2 or not nothing_reached_server(exc):
+            retry = nothing_reached_server(exc) or queries.KEY_STORED_CONCURRENTLY in str(exc)
+            if attempt == 2 or not retry:
                 raise
-            log.info("a pooled connection was found dead; the transaction is sent again")
-    raise AssertionError("unreachable")
+            log.info("a keyed write is sent again (%s)", type(exc).__name__)
+    if not outcome.locked:
+        busy = ProblemException(
+            409, "a request with this Idempotency-Key is still in progress; retry shortly"
+        )
+        busy.headers = {"Retry-After": RETRY_AFTER_SECONDS}
+        raise busy
+    if outcome.fingerprint is None:
+        return _response(*answer(_rows(outcome.result)), replayed=False)
+    if outcome.fingerprint != fingerprint:
+        raise ProblemException(
+            422, "this Idempotency-Key was used with a different request (method, path or body)"
+        )
+    if outcome.body is not None:  # stored before the rows were (migration 0003)
+        return _response(outcome.status, outcome.body, replayed=True)
+    return _response(*answer(_rows(outcome.stored)), replayed=True)
+
+
+def _rows(stored: str | None) -> list[list[Any]]:
+    """A write's rows as `_write_once` stored them (JSON arrays); none for an empty batch."""
+    return msgspec.json.decode(stored) if stored is not None else []
 
 
 def key_lock_id(scope: bytes, key: str) -> int:
     """The advisory lock a request holds while it runs with this key (64 bits of a hash)."""
     return int.from_bytes(hashlib.sha256(scope + b"\0" + key.encode()).digest()[:8], signed=True)
-
-
-async def _claimed_write(
-    session: AsyncSession,
-    claim: dict[str, Any],
-    fingerprint: bytes,
-    statement: Executable,
-    params: Mapping[str, object],
-    answer: Callable[[Sequence[Any]], Answer],
-) -> JSONAnswer:
-    if not (await session.execute(queries.TRY_LOCK, claim)).scalar():
-        exc = ProblemException(
-            409, "a request with this Idempotency-Key is still in progress; retry shortly"
-        )
-        exc.headers = {"Retry-After": RETRY_AFTER_SECONDS}
-        raise exc
-    stored = (await session.execute(queries.SELECT_IDEMPOTENT_ANSWER, claim)).first()
-    if stored is not None:
-        if stored.fingerprint != fingerprint:
-            raise ProblemException(
-                422,
-                "this Idempotency-Key was used with a different request (method, path or body)",
-            )
-        return _response(stored.status, stored.body, replayed=True)
-    status, body = answer((await session.execute(statement, params)).all())
-    stored_answer = {**claim, "fingerprint": fingerprint, "status": status, "body": body}
-    await session.execute(queries.INSERT_IDEMPOTENT_ANSWER, stored_answer)
-    return _response(status, body, replayed=False)
 
 
 def _response(status: int, body: bytes, *, replayed: bool) -> JSONAnswer:

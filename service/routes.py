@@ -139,7 +139,9 @@ async def create_items(
     key = idempotency_key(request)
     params = {"names": [item.name for item in data], "values": [item.value for item in data]}
     if key is not None:
-        response = await write_once(request, key, queries.INSERT_ITEMS, params, _created_answer)
+        response = await write_once(
+            request, key, queries.INSERT_ITEMS_ONCE, params, _created_answer
+        )
         return await _with_token(request, response)
     return json_answer(_created(await _write(request, queries.INSERT_ITEMS, params)), 201)
 
@@ -176,7 +178,7 @@ async def update_values(
     params = {"ids": ids, "values": [update.value for update in data]}
     if key is not None:
         answer = functools.partial(_updated_answer, updated=len(ids))
-        response = await write_once(request, key, queries.UPDATE_ITEM_VALUES, params, answer)
+        response = await write_once(request, key, queries.UPDATE_ITEM_VALUES_ONCE, params, answer)
         return await _with_token(request, response)
     (missing,) = (await _write(request, queries.UPDATE_ITEM_VALUES, params))[0]
     if missing:

@@ -61,7 +61,10 @@ async def keyed_client(
 async def stored_keys(engine: AsyncEngine) -> list[tuple[Any, ...]]:
     async with engine.connect() as connection:
         result = await connection.execute(
-            text("SELECT token_digest, key, status FROM idempotency_keys ORDER BY created_at")
+            text(
+                "SELECT token_digest, key, json_array_length(result) AS rows "
+                "FROM idempotency_keys ORDER BY created_at"
+            )
         )
         return [tuple(row) for row in result]
 
@@ -82,8 +85,9 @@ async def test_a_retried_post_gets_the_stored_answer_and_inserts_nothing(
     assert retry.headers["idempotent-replayed"] == "true"
     assert retry.headers["content-type"] == first.headers["content-type"]
     assert await table_snapshot(engine) == after_first
-    # Stored once, under the token's digest: never the token itself.
-    assert await stored_keys(engine) == [(hashlib.sha256(TOKEN.encode()).digest(), key, 201)]
+    # Stored once, with the write's rows, under the token's digest: never the token itself.
+    stored = [(hashlib.sha256(TOKEN.encode()).digest(), key, len(ROWS))]
+    assert await stored_keys(engine) == stored
 
 
 async def test_a_retried_patch_changes_nothing_even_after_other_writes(

@@ -114,7 +114,7 @@ async def test_a_hand_made_table_without_nulls_is_adopted_and_its_columns_made_r
     await upgrade(database)
 
     adopted = await table_state(database)
-    assert adopted == {"rows": rows, "nullable": [], "revision": "0002"}
+    assert adopted == {"rows": rows, "nullable": [], "revision": "0003"}
     async with AsyncTestClient(app=create_app(settings_for(database))) as client:
         created = await client.post("/items", json=[{"name": "new", "value": 1}], headers=AUTH)
         assert created.status_code == 201, created.text
@@ -141,7 +141,7 @@ async def test_the_downgrade_keeps_an_adopted_table_and_its_rows(database: URL) 
 async def test_the_downgrade_drops_a_table_the_migration_created(database: URL) -> None:
     await upgrade(database)
     created = await table_state(database)
-    assert created == {"rows": [], "nullable": [], "revision": "0002"}
+    assert created == {"rows": [], "nullable": [], "revision": "0003"}
     await run_sql(database, NOTEBOOK_ROWS)
 
     await downgrade(database)

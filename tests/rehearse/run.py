@@ -1,9 +1,9 @@
 """`make rehearse`: a rolling update under load, in the shape of k8s/, on one machine.
 
 Three `python -m service` processes behind HAProxy (round robin, health-checking `/readyz` as a
-Service does with readiness), PostgreSQL behind PgBouncer in transaction mode (DB_POOLER=transaction;
-the 1.24.1 of tests/build-pgbouncer.sh, as Neon's poolers, else Debian's 1.18, on which the
-service falls back to transaction-unprepared by itself),
+Service does with readiness), PostgreSQL behind PgBouncer in transaction mode
+(DB_POOLER=transaction; the 1.24.1 of tests/build-pgbouncer.sh, as Neon's poolers, else Debian's
+1.18, on which the service falls back to transaction-unprepared by itself),
 and locust distributed (a master, two workers) running tests/rehearse/locustfile.py: the load of
 tests/load with clients that retry once on a 503 or a dropped connection. Partway through, each
 process in turn is replaced as a Deployment with maxUnavailable 0 does it: a new process starts,
