@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
+import json
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -20,7 +21,9 @@ import httpx
 import pytest
 from sqlalchemy.engine import URL
 
-from tests.conftest import AUTH, asyncpg_dsn, run_service, service_environment
+from service.health import READINESS_MAX_AGE_SECONDS
+from tests.conftest import AUTH, PROJECT_ROOT, asyncpg_dsn, run_service, service_environment
+from tests.faults.kubelet import PERIOD_SECONDS as KUBELET_PERIOD_SECONDS
 from tests.faults.report import record, status_counts
 from tests.faults.support import ControlledPostgres, Outcome, backends_gone, seed_rows, send
 
@@ -113,13 +116,9 @@ async def test_readiness_does_not_queue_behind_a_saturated_pool(
 
 FLOOD_CALLERS = 200
 FLOOD_SECONDS = 4.0
-KUBELET_PERIOD_SECONDS = 0.2
 KUBELET_BOUND_SECONDS = 1.0
-# How often readiness may ask the database at most (service.health's READINESS_MAX_AGE_SECONDS,
-# written out here so a change there is a change of this test too), and transactions that are not
-# readiness checks: the service's start (its wait for the database, the expiry of idempotency
-# keys) and this test's own stats reads.
-READINESS_INTERVAL_SECONDS = 0.25
+# Transactions that are not readiness checks: the service's start (its wait for the database,
+# the expiry of idempotency keys) and this test's own stats reads.
 OTHER_TRANSACTIONS = 25
 
 TRANSACTIONS = (
@@ -168,38 +167,35 @@ async def flood_readiness(
     await asyncio.gather(*(caller() for _ in range(callers)))
 
 
-def probe_like_a_kubelet(base_url: str, stop: threading.Event, probes: list[Outcome]) -> None:
-    """GET /readyz every KUBELET_PERIOD_SECONDS on a new connection each time, as the kubelet
-    does, from a thread of its own so that the flood's event loop does not delay it."""
-    while not stop.is_set():
-        started = time.monotonic()
-        try:
-            status: int | None = httpx.get(f"{base_url}/readyz", timeout=2.0).status_code
-        except httpx.HTTPError:
-            status = None
-        probes.append(Outcome("kubelet", started, time.monotonic() - started, status))
-        stop.wait(max(0.0, started + KUBELET_PERIOD_SECONDS - time.monotonic()))
-
-
 @contextlib.asynccontextmanager
 async def flooded(base_url: str) -> AsyncIterator[tuple[Counter[int], list[Outcome]]]:
-    """While the block runs, FLOOD_CALLERS flood /readyz and a kubelet probes it; yields the
-    flood's status counts and the kubelet's probes, complete once the block has ended."""
+    """While the block runs, FLOOD_CALLERS flood /readyz and a kubelet (tests.faults.kubelet, a
+    process of its own) probes it; yields the flood's status counts and the kubelet's probes,
+    complete once the block has ended."""
     statuses: Counter[int] = Counter()
     kubelet: list[Outcome] = []
-    stop_kubelet, stop_flood = threading.Event(), asyncio.Event()
-    prober = threading.Thread(target=probe_like_a_kubelet, args=(base_url, stop_kubelet, kubelet))
-    prober.start()
+    prober = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.faults.kubelet",
+        f"{base_url}/readyz",
+        cwd=PROJECT_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
     try:
-        flood = asyncio.create_task(flood_readiness(base_url, FLOOD_CALLERS, stop_flood, statuses))
+        stop = asyncio.Event()
+        flood = asyncio.create_task(flood_readiness(base_url, FLOOD_CALLERS, stop, statuses))
         try:
             yield statuses, kubelet
         finally:
-            stop_flood.set()
+            stop.set()
             await flood
     finally:
-        stop_kubelet.set()
-        prober.join()
+        prober.terminate()
+        output, _ = await prober.communicate()
+        for line in output.decode().splitlines():
+            started, elapsed, status = json.loads(line)
+            kubelet.append(Outcome("kubelet", started, elapsed, status))
 
 
 async def test_a_flood_of_readiness_probes_neither_slows_the_kubelet_nor_reaches_the_database(
@@ -219,13 +215,12 @@ async def test_a_flood_of_readiness_probes_neither_slows_the_kubelet_nor_reaches
         f"flood: {dict(flood)}; kubelet: {dict(status_counts(p.status for p in kubelet))}, "
         f"slowest {slowest:.3f} s; {checks} database transactions"
     )
-    assert (
-        calls >= 5 * FLOOD_CALLERS and len(kubelet) >= FLOOD_SECONDS / 2 / KUBELET_PERIOD_SECONDS
-    ), seen
+    assert calls >= 5 * FLOOD_CALLERS, seen
+    assert len(kubelet) >= FLOOD_SECONDS / 2 / KUBELET_PERIOD_SECONDS, seen
     assert [p.status for p in kubelet] == [200] * len(kubelet), seen
     assert slowest < KUBELET_BOUND_SECONDS, seen
     assert dict(flood) == {200: calls}, seen  # the flood does not make the pod look unready
-    assert checks <= FLOOD_SECONDS / READINESS_INTERVAL_SECONDS + OTHER_TRANSACTIONS, seen
+    assert checks <= FLOOD_SECONDS / READINESS_MAX_AGE_SECONDS + OTHER_TRANSACTIONS, seen
     record(
         "Fault 8",
         f"Readiness flood: {FLOOD_CALLERS} keep-alive callers asking /readyz back to back for "
@@ -255,11 +250,13 @@ async def test_under_a_flood_readiness_follows_the_database_within_its_interval(
             up = time.monotonic()
             await asyncio.sleep(1.5)
 
-    # An answer is at most READINESS_INTERVAL_SECONDS old, so once that long has passed since
+    # An answer is at most READINESS_MAX_AGE_SECONDS old, so once that long has passed since
     # the server stopped, no check made while it was up may answer any more.
     before = [p.status for p in kubelet if p.started + p.elapsed < stopping]
     while_down = [
-        p.status for p in kubelet if down + READINESS_INTERVAL_SECONDS <= p.started < starting
+        p.status
+        for p in kubelet
+        if p.started >= down + READINESS_MAX_AGE_SECONDS and p.started + p.elapsed < starting
     ]
     after = [p.status for p in kubelet if p.started >= up + 1.0]
     slowest = max(p.elapsed for p in kubelet)
@@ -271,9 +268,9 @@ async def test_under_a_flood_readiness_follows_the_database_within_its_interval(
     record(
         "Fault 8",
         f"Readiness flood ({FLOOD_CALLERS} callers) with the database stopped (pg_ctl stop -m "
-        "fast) for 1.5 s, the kubelet probing every 0.2 s",
+        f"fast) for 1.5 s, the kubelet probing every {KUBELET_PERIOD_SECONDS:g} s",
         sum(flood.values()) + len(kubelet),
         status_counts([p.status for p in kubelet] + list(flood.elements())),
-        f"kubelet: 200 before, 503 from {READINESS_INTERVAL_SECONDS:g} s after the stop, 200 "
+        f"kubelet: 200 before, 503 from {READINESS_MAX_AGE_SECONDS:g} s after the stop, 200 "
         f"again within 1 s of the start; slowest probe {slowest:.3f} s",
     )
