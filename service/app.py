@@ -44,7 +44,7 @@ from service.errors import (
     handle_http_exception,
     handle_internal_error,
 )
-from service.health import get_liveness, get_readiness
+from service.health import Readiness, get_liveness, get_readiness
 from service.idempotency import expire_keys_forever
 from service.logs import AccessLog
 from service.metrics import Metrics, get_metrics
@@ -172,7 +172,7 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
         app.state.replica = await start_replica(settings, metrics)
         app.state.engine = engine
         app.state.sessions = sessions
-        app.state.probe_engine = create_probe_engine(settings)
+        app.state.readiness = Readiness(create_probe_engine(settings))
         app.state.database_failures = FailureLog(describe_database(engine.url))
         log.info("using database %s", describe_database(engine.url))
         host = engine.url.host or ""
@@ -211,7 +211,7 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
                 await app.state.replica.stop()
             await sessions.close()
             await engine.dispose()
-            await app.state.probe_engine.dispose()
+            await app.state.readiness.close()
 
     return ServiceApp(
         route_handlers=[

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
-from sqlalchemy.exc import DBAPIError, InterfaceError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from service.db import DatabaseTimeout, DatabaseUnavailable
@@ -30,10 +30,28 @@ STATEMENT_TIMEOUT_SQLSTATE = "57014"
 # (3D000), no table (42P01: migrations not applied). Not the client's fault, and retrying only
 # helps once an operator fixes it, so it is a 503 with an error in the log, not a 500.
 MISCONFIGURED_SQLSTATES = ("28", "3D000", "42P01")
-# Serialization failure, deadlock, lock not available: the same request may succeed if retried.
+# Serialization failure, deadlock, lock not available: the request was sound and nothing was
+# changed; it lost a race with another transaction and may succeed if retried, so 409 with
+# Retry-After. Not a 503: the database is there and answering, and an outside transaction's
+# contention should not look like an outage on the service's dashboards.
 CONFLICT_SQLSTATES = ("40001", "40P01", "55P03")
-# Data exceptions (class 22): a value the column cannot hold, such as an overflow of `real`.
-DATA_EXCEPTION_CLASS = "22"
+# The write breaks a constraint because of what the table holds now (409, no Retry-After: the
+# same request fails the same way). Our only unique key is the generated id, so a 23505 also
+# means the id sequence is behind the rows: it is logged for the operator.
+CONSTRAINT_CONFLICTS = {
+    "23505": "the write conflicts with a row that already exists (a unique key)",
+    "23P01": "the write conflicts with a row that already exists (an exclusion constraint)",
+    "23503": "another table refers to this row (a foreign key)",
+    "23001": "another table refers to this row (a foreign key)",
+}
+CHECK_VIOLATION_SQLSTATE = "23514"  # a CHECK rule of the table refuses a value sent: 422
+# Data exceptions a client's value causes: too long for the column (22001), out of its range
+# (22003, such as 1e300 in a `real`), not in the database's encoding (22P05). Any other data
+# exception is a statement of ours gone wrong (a bad cast, a division by zero, or 22000: the
+# driver could not encode a parameter of ours), and with every other integrity error (23502: an
+# INSERT of ours leaves out a NOT NULL column) and any InterfaceError on an open connection
+# (asyncpg refusing a call of ours) it is a 500 with its traceback.
+VALUE_DOES_NOT_FIT_SQLSTATES = ("22001", "22003", "22P05")
 
 
 class ProblemException(HTTPException):
@@ -76,7 +94,8 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
 
 
 def handle_database_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    """Database failures become 503/409/422 with a reason; only the unexpected is a 500."""
+    """Database failures become 503/409/422 with a reason; a statement of ours that the driver or
+    the server rejects, like anything unexpected, is a 500."""
     retry = {"Retry-After": RETRY_AFTER_SECONDS}
     failures: FailureLog = request.app.state.database_failures
     if isinstance(exc, PoolTimeoutError):
@@ -90,7 +109,9 @@ def handle_database_error(request: Request[Any, Any, Any], exc: Exception) -> Re
         return problem_response(503, "the database did not answer in time; retry shortly", retry)
     sqlstate = _sqlstate(exc)
     if (
-        isinstance(exc, DatabaseUnavailable | InterfaceError)
+        isinstance(exc, DatabaseUnavailable)
+        # The driver found the connection closed (lost, reset, ended by the server); asyncpg's
+        # "connection is closed" InterfaceError is one of these, any other is a bug of ours.
         or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
         or (sqlstate is not None and sqlstate.startswith(UNAVAILABLE_SQLSTATES))
     ):
@@ -105,7 +126,15 @@ def handle_database_error(request: Request[Any, Any, Any], exc: Exception) -> Re
         )
     if sqlstate in CONFLICT_SQLSTATES:
         return problem_response(409, "the rows are busy in another transaction; retry", retry)
-    if sqlstate is not None and sqlstate.startswith(DATA_EXCEPTION_CLASS):
+    if sqlstate in CONSTRAINT_CONFLICTS:
+        constraint = getattr(_driver_cause(exc), "constraint_name", None) or "unnamed"
+        failures.log(logging.WARNING, f"a write broke the constraint {constraint}", exc)
+        return problem_response(409, f"{CONSTRAINT_CONFLICTS[sqlstate]}; nothing was changed")
+    if sqlstate == CHECK_VIOLATION_SQLSTATE:
+        return problem_response(
+            422, "a value breaks a rule of the table (a check constraint); nothing was changed"
+        )
+    if sqlstate in VALUE_DOES_NOT_FIT_SQLSTATES:
         return problem_response(422, "a value does not fit the table's column")
     return handle_internal_error(request, exc)
 
@@ -141,6 +170,7 @@ REFUSAL_SQLSTATES = {
     "3D000": "the database does not exist",
     "42P01": "the table does not exist (run `python -m service migrate`)",
     "42501": "the database role lacks a privilege (k8s/roles.sql grants what the service needs)",
+    "23505": "a row with that key exists (for the id's key: the id sequence is behind the rows)",
     "53300": "the server has no free connection slots",
     "57P01": "the server ended the session (shutdown, restart or failover)",
     "57P03": "the server is starting up or shutting down",

@@ -17,10 +17,15 @@ NOTEBOOK_ROWS = (
 INSERT_WITH_ID = text(
     "INSERT INTO playing_with_neon (id, name, value) VALUES (:id, :name, CAST(:value AS float8))"
 )
-# Rows inserted with explicit ids leave the identity sequence behind; move it past them.
+# Rows inserted with explicit ids leave the id sequence behind; move it past them, never back
+# (ids of deleted rows are not handed out again). nextval gives the value the sequence would hand
+# out next, and setval(..., false) makes the larger of it and max(id) + 1 the next one again, so
+# nothing is used up. An empty table starts at the sequence's own next value (1 when it is new),
+# and a table whose id has no sequence of its own is left alone (setval of NULL does nothing).
 SYNC_ID_SEQUENCE = text(
-    "SELECT setval(pg_get_serial_sequence('playing_with_neon', 'id'), "
-    "(SELECT COALESCE(max(id), 0) + 1 FROM playing_with_neon), false)"
+    "SELECT setval(sequence, GREATEST(nextval(sequence), "
+    "(SELECT COALESCE(max(id), 0) + 1 FROM playing_with_neon)), false) "
+    "FROM pg_get_serial_sequence('playing_with_neon', 'id') AS sequence"
 )
 COUNT_ROWS = text("SELECT count(*) FROM playing_with_neon")
 

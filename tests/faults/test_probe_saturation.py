@@ -1,12 +1,19 @@
-"""Fault 8: readiness under a saturated pool. Every pooled connection is held by requests that
-wait on a row lock; /readyz must stay 200 while the database answers (a probe queued behind the
-requests would take every pod out of the Service at once), and turn 503 when it does not.
+"""Fault 8: readiness under a saturated pool, and under a flood of probes. Every pooled connection
+is held by requests that wait on a row lock; /readyz must stay 200 while the database answers (a
+probe queued behind the requests would take every pod out of the Service at once), and turn 503
+when it does not. And 200 callers asking /readyz as fast as they can must neither slow the
+kubelet's own probes nor reach the database more than once per readiness interval.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import sys
 import time
+from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -14,9 +21,11 @@ import httpx
 import pytest
 from sqlalchemy.engine import URL
 
-from tests.conftest import AUTH, asyncpg_dsn, run_service, service_environment
+from service.health import READINESS_MAX_AGE_SECONDS
+from tests.conftest import AUTH, PROJECT_ROOT, asyncpg_dsn, run_service, service_environment
+from tests.faults.kubelet import PERIOD_SECONDS as KUBELET_PERIOD_SECONDS
 from tests.faults.report import record, status_counts
-from tests.faults.support import ControlledPostgres, Outcome, seed_rows, send
+from tests.faults.support import ControlledPostgres, Outcome, backends_gone, seed_rows, send
 
 pytestmark = pytest.mark.slow
 
@@ -102,4 +111,166 @@ async def test_readiness_does_not_queue_behind_a_saturated_pool(
         f"/readyz 200 all {PROBES} times while the pool was full (slowest {slowest_probe:.3f} s; "
         f"the read got 503 after {busy.elapsed:.1f} s); 503 while the database was down "
         f"(3 probes in {down_took:.2f} s), 200 again once it was back",
+    )
+
+
+FLOOD_CALLERS = 200
+FLOOD_SECONDS = 4.0
+KUBELET_BOUND_SECONDS = 1.0
+# Transactions that are not readiness checks: the service's start (its wait for the database,
+# the expiry of idempotency keys) and this test's own stats reads.
+OTHER_TRANSACTIONS = 25
+
+TRANSACTIONS = (
+    "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+)
+
+
+async def transactions_ended(database: URL) -> int:
+    """Transactions the database has counted so far (a session's are counted when it ends)."""
+    connection = await asyncpg.connect(asyncpg_dsn(database))
+    try:
+        return int(await connection.fetchval(TRANSACTIONS))
+    finally:
+        await connection.close()
+
+
+async def flood_readiness(
+    base_url: str, callers: int, stop: asyncio.Event, statuses: Counter[int]
+) -> None:
+    """`callers` keep-alive connections asking /readyz back to back until `stop`; each answer's
+    status is counted in `statuses`.
+
+    Raw HTTP/1.1 rather than httpx, so that the flood costs this process little and the server,
+    not the client, is what is saturated.
+    """
+    host, port = base_url.removeprefix("http://").split(":")
+    request = f"GET /readyz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+    async def caller() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while not stop.is_set():
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                length = next(
+                    int(line.partition(":")[2])
+                    for line in lines
+                    if line.lower().startswith("content-length:")
+                )
+                await reader.readexactly(length)
+                statuses[int(lines[0].split()[1])] += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(caller() for _ in range(callers)))
+
+
+@contextlib.asynccontextmanager
+async def flooded(base_url: str) -> AsyncIterator[tuple[Counter[int], list[Outcome]]]:
+    """While the block runs, FLOOD_CALLERS flood /readyz and a kubelet (tests.faults.kubelet, a
+    process of its own) probes it; yields the flood's status counts and the kubelet's probes,
+    complete once the block has ended."""
+    statuses: Counter[int] = Counter()
+    kubelet: list[Outcome] = []
+    prober = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.faults.kubelet",
+        f"{base_url}/readyz",
+        cwd=PROJECT_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        stop = asyncio.Event()
+        flood = asyncio.create_task(flood_readiness(base_url, FLOOD_CALLERS, stop, statuses))
+        try:
+            yield statuses, kubelet
+        finally:
+            stop.set()
+            await flood
+    finally:
+        prober.terminate()
+        output, _ = await prober.communicate()
+        for line in output.decode().splitlines():
+            started, elapsed, status = json.loads(line)
+            kubelet.append(Outcome("kubelet", started, elapsed, status))
+
+
+async def test_a_flood_of_readiness_probes_neither_slows_the_kubelet_nor_reaches_the_database(
+    fault_database: URL, tmp_path: Path
+) -> None:
+    env = service_environment(fault_database, SHUTDOWN_DELAY_SECONDS="0")
+    before = await transactions_ended(fault_database)
+    with run_service(env, tmp_path) as service:
+        async with flooded(service.base_url) as (flood, kubelet):
+            await asyncio.sleep(FLOOD_SECONDS)
+    await backends_gone(fault_database)  # their transactions are counted once they end
+    checks = await transactions_ended(fault_database) - before
+
+    calls = sum(flood.values())
+    slowest = max(p.elapsed for p in kubelet)
+    seen = (
+        f"flood: {dict(flood)}; kubelet: {dict(status_counts(p.status for p in kubelet))}, "
+        f"slowest {slowest:.3f} s; {checks} database transactions"
+    )
+    assert calls >= 5 * FLOOD_CALLERS, seen
+    assert len(kubelet) >= FLOOD_SECONDS / 2 / KUBELET_PERIOD_SECONDS, seen
+    assert [p.status for p in kubelet] == [200] * len(kubelet), seen
+    assert slowest < KUBELET_BOUND_SECONDS, seen
+    assert dict(flood) == {200: calls}, seen  # the flood does not make the pod look unready
+    assert checks <= FLOOD_SECONDS / READINESS_MAX_AGE_SECONDS + OTHER_TRANSACTIONS, seen
+    record(
+        "Fault 8",
+        f"Readiness flood: {FLOOD_CALLERS} keep-alive callers asking /readyz back to back for "
+        f"{FLOOD_SECONDS:g} s, and a kubelet probing every {KUBELET_PERIOD_SECONDS:g} s on a new "
+        "connection",
+        calls + len(kubelet),
+        status_counts([p.status for p in kubelet] + list(flood.elements())),
+        f"all {len(kubelet)} kubelet probes 200, slowest {slowest:.3f} s (bound "
+        f"{KUBELET_BOUND_SECONDS:g} s); {calls} flood probes answered by {checks} database "
+        f"transactions in all (start-up included)",
+    )
+
+
+async def test_under_a_flood_readiness_follows_the_database_within_its_interval(
+    controlled_postgres: ControlledPostgres, fault_database: URL, tmp_path: Path
+) -> None:
+    env = service_environment(fault_database, SHUTDOWN_DELAY_SECONDS="0")
+    with run_service(env, tmp_path) as service:
+        async with flooded(service.base_url) as (flood, kubelet):
+            await asyncio.sleep(1.0)
+            stopping = time.monotonic()
+            await asyncio.to_thread(controlled_postgres.stop, "fast")
+            down = time.monotonic()
+            await asyncio.sleep(1.5)
+            starting = time.monotonic()
+            await asyncio.to_thread(controlled_postgres.start)
+            up = time.monotonic()
+            await asyncio.sleep(1.5)
+
+    # An answer is at most READINESS_MAX_AGE_SECONDS old, so once that long has passed since
+    # the server stopped, no check made while it was up may answer any more.
+    before = [p.status for p in kubelet if p.started + p.elapsed < stopping]
+    while_down = [
+        p.status
+        for p in kubelet
+        if p.started >= down + READINESS_MAX_AGE_SECONDS and p.started + p.elapsed < starting
+    ]
+    after = [p.status for p in kubelet if p.started >= up + 1.0]
+    slowest = max(p.elapsed for p in kubelet)
+    seen = f"before {before}, down {while_down}, after {after}; slowest {slowest:.3f} s"
+    assert before and set(before) == {200}, seen
+    assert while_down and set(while_down) == {503}, seen
+    assert after and set(after) == {200}, seen
+    assert slowest < KUBELET_BOUND_SECONDS, seen
+    record(
+        "Fault 8",
+        f"Readiness flood ({FLOOD_CALLERS} callers) with the database stopped (pg_ctl stop -m "
+        f"fast) for 1.5 s, the kubelet probing every {KUBELET_PERIOD_SECONDS:g} s",
+        sum(flood.values()) + len(kubelet),
+        status_counts([p.status for p in kubelet] + list(flood.elements())),
+        f"kubelet: 200 before, 503 from {READINESS_MAX_AGE_SECONDS:g} s after the stop, 200 "
+        f"again within 1 s of the start; slowest probe {slowest:.3f} s",
     )
