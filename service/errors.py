@@ -191,7 +191,18 @@ def refused_for_good(exc: BaseException) -> bool:
         or sqlstate in ("3D000", "42P01")
         or isinstance(cause, ssl.SSLError)
         or (isinstance(cause, ConnectionError) and "rejected SSL upgrade" in str(cause))
+        or _refused_startup_parameter(cause) is not None
     )
+
+
+def _refused_startup_parameter(cause: BaseException) -> str | None:
+    """The startup parameter a connection pooler refused (PgBouncer: 08P01 "unsupported startup
+    parameter: NAME"); the service sends them only when DB_POOLER says nothing is in between."""
+    message = str(cause)
+    refused = getattr(cause, "sqlstate", None) == "08P01" and "unsupported startup" in message
+    if not refused:
+        return None
+    return message.rpartition(":")[2].strip()
 
 
 def _driver_cause(exc: BaseException) -> BaseException:
@@ -216,6 +227,11 @@ def refusal_reason(exc: BaseException) -> str:
         return "the server accepts only TLS connections (set sslmode=require or stricter)"
     if sqlstate in REFUSAL_SQLSTATES:
         return REFUSAL_SQLSTATES[sqlstate]
+    if (parameter := _refused_startup_parameter(cause)) is not None:
+        return (
+            f"a connection pooler refused the startup parameter {parameter} (behind a pooler set "
+            "DB_POOLER=transaction, or transaction-unprepared for PgBouncer < 1.21)"
+        )
     if isinstance(cause, ssl.SSLCertVerificationError):
         detail = cause.verify_message.rstrip(".")
         if cause.verify_code in TLS_HOST_MISMATCH_CODES:

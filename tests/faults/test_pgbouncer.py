@@ -19,7 +19,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import URL
 
-from tests.conftest import AUTH, asyncpg_dsn, run_service, service_environment
+from tests.conftest import AUTH, asyncpg_dsn, run_cli, run_service, service_environment
 from tests.faults.report import record, status_counts
 from tests.faults.support import (
     PREPARED_STATEMENTS_SINCE,
@@ -99,9 +99,16 @@ async def test_transaction_pooler_needs_the_pgbouncer_setting(
     if pgbouncer_setting:
         overrides["DB_PGBOUNCER"] = "true"
     else:
-        # PgBouncer refuses a statement_timeout startup parameter outright; without this the
-        # service could not even connect, and the test would not reach prepared statements.
-        overrides["DB_STATEMENT_TIMEOUT_MS"] = "0"
+        # PgBouncer refuses the session limits' startup parameters outright (see the next
+        # test); without these the service could not even connect, and the test would not
+        # reach prepared statements.
+        overrides.update(
+            DB_STATEMENT_TIMEOUT_MS="0",
+            DB_IDLE_IN_TRANSACTION_TIMEOUT_MS="0",
+            DB_TCP_KEEPALIVES_IDLE="0",
+            DB_TCP_KEEPALIVES_INTERVAL="0",
+            DB_TCP_KEEPALIVES_COUNT="0",
+        )
     with run_service(service_environment(pooled, **overrides), tmp_path) as service:
         outcomes, readiness = await readiness_during(service.base_url)
     log = service.log()
@@ -132,6 +139,33 @@ async def test_transaction_pooler_needs_the_pgbouncer_setting(
         len(outcomes),
         statuses,
         did,
+    )
+
+
+def test_a_pooler_the_settings_do_not_name_is_refused_with_the_setting_to_change(
+    controlled_postgres: ControlledPostgres,
+    fault_database: URL,
+    legacy_pgbouncer: PgBouncer,
+    tmp_path: Path,
+) -> None:
+    """Pointed at a pooler with DB_POOLER unset, migrate stops at once and says which setting
+    to change, instead of retrying a connection the pooler will never accept."""
+    pooled = legacy_pgbouncer.url(controlled_postgres, fault_database.database or "")
+    started = time.monotonic()
+    result = run_cli(service_environment(pooled), tmp_path, "migrate")
+    took = time.monotonic() - started
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    assert "a connection pooler refused the startup parameter" in lines[-1], result.stderr
+    assert "DB_POOLER=transaction" in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    record(
+        "Fault 5",
+        f"DB_POOLER unset, DATABASE_URL pointing at PgBouncer {legacy_pgbouncer.version_text}: "
+        "migrate",
+        1,
+        status_counts([f"exit {result.returncode}"]),
+        f"refused in {took:.1f} s with one line: {lines[-1].partition(': ')[2]!r}",
     )
 
 

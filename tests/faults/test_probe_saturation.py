@@ -21,7 +21,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import URL
 
-from service.health import READINESS_MAX_AGE_SECONDS
+from service.health import READINESS_MAX_AGE_SECONDS, READINESS_TIMEOUT_SECONDS
 from tests.conftest import AUTH, PROJECT_ROOT, asyncpg_dsn, run_service, service_environment
 from tests.faults.kubelet import PERIOD_SECONDS as KUBELET_PERIOD_SECONDS
 from tests.faults.report import record, status_counts
@@ -117,6 +117,9 @@ async def test_readiness_does_not_queue_behind_a_saturated_pool(
 FLOOD_CALLERS = 200
 FLOOD_SECONDS = 4.0
 KUBELET_BOUND_SECONDS = 1.0
+# While the database stops and starts, a check can wait for it until its own timeout: the probe
+# then takes that long, still well within the kubelet's 2 s.
+KUBELET_BOUND_IN_OUTAGE_SECONDS = READINESS_TIMEOUT_SECONDS + 0.25
 # Transactions that are not readiness checks: the service's start (its wait for the database,
 # the expiry of idempotency keys) and this test's own stats reads.
 OTHER_TRANSACTIONS = 25
@@ -182,6 +185,11 @@ async def flooded(base_url: str) -> AsyncIterator[tuple[Counter[int], list[Outco
         cwd=PROJECT_ROOT,
         stdout=asyncio.subprocess.PIPE,
     )
+    assert prober.stdout is not None
+    # The block starts once the kubelet probes: a loaded machine can take a second to start
+    # the process, and a test timing the database's stop from the block's start needs probes
+    # from before it.
+    first = await prober.stdout.readline()
     try:
         stop = asyncio.Event()
         flood = asyncio.create_task(flood_readiness(base_url, FLOOD_CALLERS, stop, statuses))
@@ -193,7 +201,7 @@ async def flooded(base_url: str) -> AsyncIterator[tuple[Counter[int], list[Outco
     finally:
         prober.terminate()
         output, _ = await prober.communicate()
-        for line in output.decode().splitlines():
+        for line in (first + output).decode().splitlines():
             started, elapsed, status = json.loads(line)
             kubelet.append(Outcome("kubelet", started, elapsed, status))
 
@@ -264,7 +272,7 @@ async def test_under_a_flood_readiness_follows_the_database_within_its_interval(
     assert before and set(before) == {200}, seen
     assert while_down and set(while_down) == {503}, seen
     assert after and set(after) == {200}, seen
-    assert slowest < KUBELET_BOUND_SECONDS, seen
+    assert slowest < KUBELET_BOUND_IN_OUTAGE_SECONDS, seen
     record(
         "Fault 8",
         f"Readiness flood ({FLOOD_CALLERS} callers) with the database stopped (pg_ctl stop -m "
