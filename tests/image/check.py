@@ -42,7 +42,7 @@ import httpx
 from deploy import image as image_build
 from tests.conftest import asyncpg_dsn, free_port
 from tests.faults.support import ControlledPostgres
-from tests.image.pod import Podman, PodShape, pod_shape, tree_rss_bytes, wait_for_exit
+from tests.image.pod import CONFIG_ENV, Podman, PodShape, pod_shape, tree_rss_bytes, wait_for_exit
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "load-report" / "image-check"
@@ -52,6 +52,8 @@ MIGRATOR, SERVICE = "playing_with_neon_migrator", "playing_with_neon_service"
 SEED_ROWS = 2000
 NOTEBOOK_MIN_VALUE = 23
 STARTUP_SECONDS = 60
+# RSS "idle" is read this long after the last request.
+IDLE_SECONDS = 2
 IMAGE = os.environ.get("IMAGE", "").strip() or image_build.DEFAULT_IMAGE
 # The lock the drained request waits on is released this long after SIGTERM: past the
 # service's SHUTDOWN_DELAY_SECONDS (2 s), so the request is in flight while uvicorn drains, and
@@ -422,12 +424,65 @@ def check_serve(
     check_api(report, postgres, base_url, token)
     check_healthcheck(report, podman, name)
     pid = int(podman.inspect(name, "{{.State.Pid}}"))
-    time.sleep(2)
+    time.sleep(IDLE_SECONDS)
     report.figure("RSS idle", megabytes(tree_rss_bytes(pid)))
+    compare_host_process(report, urls)
     run_load(report, base_url, token, pid)
     check_drain(report, podman, postgres, name, shape, base_url, token)
     podman.save_logs(name)
     check_unchanged(report, podman, name, baseline)
+
+
+def config_env() -> dict[str, str]:
+    """The ConfigMap's keys and values, from k8s/base/config.env."""
+    settings = {}
+    for line in CONFIG_ENV.read_text().splitlines():
+        key, equals, value = line.partition("=")
+        if equals and not key.startswith("#"):
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def compare_host_process(report: Report, urls: dict[str, str]) -> None:
+    """The same `serve` from .venv outside any container, measured the same way, beside it."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        **config_env(),
+        "DATABASE_URL": urls[SERVICE],
+        "API_TOKENS": secrets.token_urlsafe(32),
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+    }
+    with (REPORT / "host-serve.log").open("w") as log:
+        started_at = time.time()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            ready_at = wait_until_ready(base_url, time.monotonic() + STARTUP_SECONDS)
+            if ready_at is None:
+                report.figure("outside a container", f"not ready in {STARTUP_SECONDS} s")
+                return
+            httpx.get(f"{base_url}/items", params={"min_value": NOTEBOOK_MIN_VALUE}, timeout=10)
+            time.sleep(IDLE_SECONDS)
+            python = f"Python {sys.version_info.major}.{sys.version_info.minor}"
+            report.figure(
+                f"outside a container (.venv, {python}): start to ready, RSS idle",
+                f"{ready_at - started_at:.2f} s, {megabytes(tree_rss_bytes(process.pid))}",
+            )
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def baseline_changes(podman: Podman, shape: PodShape) -> set[str]:
@@ -470,7 +525,7 @@ def main() -> int:
             program, env = image_build.build(IMAGE)
             if program != "podman":
                 raise image_build.ImageError("the check runs containers with podman only")
-            report.figure("build (cached layers reused)", f"{time.monotonic() - started:.0f} s")
+            report.figure("build (make image)", f"{time.monotonic() - started:.0f} s")
         run_checks(report, Podman(env, REPORT))
     except (image_build.ImageError, subprocess.SubprocessError, OSError, RuntimeError) as exc:
         print(f"image-check could not run: {exc}", file=sys.stderr)
