@@ -122,6 +122,20 @@ check_checkov() {
     return "$rc"
 }
 
+# The alerts and the dashboard (k8s/monitoring): annotations, runbook sections, dashboard queries
+# (deploy/check_alerts.py), then promtool on the PrometheusRule's groups and its unit tests
+# (deploy/alerts-test.yaml: every alert fires on some series and stays silent on others).
+# promtool comes with Debian's `prometheus` package, not from PyPI; .ci/run installs it.
+check_alerts() {
+    if ! command -v promtool >/dev/null; then
+        echo "promtool not found: apt-get install --no-install-recommends prometheus (Debian)"
+        return 1
+    fi
+    "$TOOLS/python" deploy/check_alerts.py "$work/alerts" || return 1
+    (cd "$work/alerts" && promtool check rules playing-with-neon.rules.yaml &&
+        promtool test rules alerts-test.yaml)
+}
+
 # A real secret.env must never reach git: none is tracked, and the name is ignored in every overlay.
 check_secrets_ignored() {
     if ! git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
@@ -167,6 +181,7 @@ run "kustomize: render base and overlays (${overlays[*]})" check_render
 run "kubernetes-validate --strict: Kubernetes ${K8S_VERSIONS[*]}" check_schemas
 run "consistency: references, selectors, namespaces, grace period" check_consistency
 run "checkov: rendered manifests and Dockerfile" check_checkov
+run "alerts: promtool check and test rules, runbook, dashboard queries" check_alerts
 run "git: no real secret.env can be committed" check_secrets_ignored
 
 echo

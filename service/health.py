@@ -37,6 +37,11 @@ class Readiness:
         self._answer = False
         self._check: asyncio.Task[bool] | None = None
 
+    @property
+    def answer(self) -> bool:
+        """The latest finished check's answer (False before the first)."""
+        return self._answer
+
     async def database_answers(self) -> bool:
         """The answer of the latest check begun within READINESS_MAX_AGE_SECONDS, or a new one."""
         loop = asyncio.get_running_loop()

@@ -110,6 +110,7 @@ async def write_once(
         raise ProblemException(
             422, "this Idempotency-Key was used with a different request (method, path or body)"
         )
+    request.app.state.metrics.idempotent_replays.inc()
     if outcome.body is not None:  # stored before the rows were (migration 0003)
         return _response(outcome.status, outcome.body, replayed=True)
     return _response(*answer(_rows(outcome.stored)), replayed=True)

@@ -1,5 +1,5 @@
 """Prometheus metrics: HTTP requests by route template and status, in-flight, the pools, the
-read replica."""
+read replica, whether the database answers, idempotent replays."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from litestar import get
 from litestar.datastructures import State
 from litestar.response import Response
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -21,6 +21,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from service.db import SessionPool
+from service.health import Readiness
 from service.replica import Replica
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -41,6 +42,11 @@ class PoolCollector(Collector):
         connections = sessions.connections
         for name, doc, value in (
             ("db_pool_size", "Connections the pool keeps open.", size),
+            (
+                "db_pool_max",
+                "Most connections in use at once: DB_POOL_SIZE + DB_MAX_OVERFLOW.",
+                size + self.state.settings.db_max_overflow,
+            ),
             ("db_pool_checked_out", "Connections in use by requests.", sessions.checked_out),
             ("db_pool_checked_in", "Open connections waiting for a request.", sessions.checked_in),
             (
@@ -78,6 +84,11 @@ class ReplicaCollector(Collector):
             value=replica.lag_seconds,
         )
         yield GaugeMetricFamily(
+            "db_replica_max_lag_seconds",
+            "READ_MAX_LAG_MS in seconds: past this lag, reads go to the primary.",
+            value=replica.max_lag_seconds,
+        )
+        yield GaugeMetricFamily(
             "db_replica_healthy",
             "1 while reads go to the replica, 0 while it is left aside.",
             value=int(replica.healthy),
@@ -86,6 +97,24 @@ class ReplicaCollector(Collector):
             "db_read_pool_checked_out",
             "Replica connections in use by requests.",
             value=replica.sessions.checked_out,
+        )
+
+
+class DatabaseCollector(Collector):
+    """Whether the database answered the readiness check (`SELECT 1` within 1 s) that the scrape
+    asked for, so an alert can tell "unreachable" from "slow" or "failing requests"."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        readiness: Readiness | None = self.state.get("readiness")
+        if readiness is None:
+            return
+        yield GaugeMetricFamily(
+            "db_up",
+            "1 if the database answered SELECT 1 within 1 s at this scrape (or 0.25 s before).",
+            value=int(readiness.answer),
         )
 
 
@@ -164,9 +193,23 @@ class Metrics:
         self.registry.register(self.pool_wait)
         self.registry.register(PoolCollector(state))
         self.registry.register(ReplicaCollector(state))
+        self.registry.register(DatabaseCollector(state))
+        # Counted by service.idempotency; a retry is rare, so the client's lock costs nothing.
+        self.idempotent_replays = Counter(
+            "idempotent_replays",
+            "Keyed writes answered with the answer stored under their Idempotency-Key.",
+            registry=self.registry,
+        )
 
 
-@get("/metrics", include_in_schema=False, sync_to_thread=False)
-def get_metrics(state: State) -> Response[bytes]:
-    """The Prometheus text exposition of this process's metrics."""
+@get("/metrics", include_in_schema=False)
+async def get_metrics(state: State) -> Response[bytes]:
+    """The Prometheus text exposition of this process's metrics.
+
+    Each scrape first asks the readiness check whether the database answers (shared with
+    /readyz, so at most four `SELECT 1` a second), for `db_up`.
+    """
+    readiness: Readiness | None = state.get("readiness")
+    if readiness is not None:
+        await readiness.database_answers()
     return Response(generate_latest(state.metrics.registry), media_type=PROMETHEUS_TEXT)

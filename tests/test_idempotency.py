@@ -76,6 +76,7 @@ async def test_a_retried_post_gets_the_stored_answer_and_inserts_nothing(
     first = await keyed_client.post("/items", json=ROWS, headers=keyed(key))
     assert first.status_code == 201, first.text
     assert "idempotent-replayed" not in first.headers
+    assert "idempotent_replays_total 0.0" in (await keyed_client.get("/metrics")).text
     after_first = await table_snapshot(engine)
 
     retry = await keyed_client.post("/items", json=ROWS, headers=keyed(key))
@@ -84,6 +85,7 @@ async def test_a_retried_post_gets_the_stored_answer_and_inserts_nothing(
     assert retry.content == first.content
     assert retry.headers["idempotent-replayed"] == "true"
     assert retry.headers["content-type"] == first.headers["content-type"]
+    assert "idempotent_replays_total 1.0" in (await keyed_client.get("/metrics")).text
     assert await table_snapshot(engine) == after_first
     # Stored once, with the write's rows, under the token's digest: never the token itself.
     stored = [(hashlib.sha256(TOKEN.encode()).digest(), key, len(ROWS))]

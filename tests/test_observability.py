@@ -18,15 +18,17 @@ from typing import Any
 import httpx
 import pytest
 from litestar.testing import AsyncTestClient
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.app import create_app
 from service.config import Settings
 from service.logs import JsonFormatter, QueuedStderrHandler, StderrWriter
 from tests.conftest import (
     AUTH,
     PROJECT_ROOT,
     concurrent_client,
+    free_port,
     row_locked,
     run_service,
     service_environment,
@@ -50,6 +52,7 @@ async def test_metrics_count_requests_by_route_template_and_status(client: Clien
     assert "http_requests_in_flight 1.0" in text  # the scrape itself
     for name in (
         "db_pool_size 10.0",
+        "db_pool_max 10.0",  # DB_MAX_OVERFLOW is 0
         "db_pool_checked_out",
         "db_pool_checked_in 1.0",  # the one connection the requests above used, now idle
         "db_pool_overflow",
@@ -58,6 +61,30 @@ async def test_metrics_count_requests_by_route_template_and_status(client: Clien
         assert name in text
     waits = [line for line in text.splitlines() if line.startswith("db_pool_wait_seconds_count")]
     assert float(waits[0].split()[-1]) >= 3  # each request that used the database was timed
+
+
+async def test_db_pool_max_counts_the_overflow(settings: Settings, notebook_rows: None) -> None:
+    settings = dataclasses.replace(settings, db_pool_size=3, db_max_overflow=2)
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        text = (await client.get("/metrics")).text
+    assert "db_pool_size 3.0" in text
+    assert "db_pool_max 5.0" in text
+
+
+async def test_db_up_says_whether_the_database_answers_at_the_scrape(
+    settings: Settings, notebook_rows: None
+) -> None:
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        # No /readyz was asked: the scrape runs the check itself.
+        assert "db_up 1.0" in (await client.get("/metrics")).text
+    nowhere = make_url(f"postgresql+asyncpg://postgres:pw@127.0.0.1:{free_port()}/nothing")
+    down = dataclasses.replace(settings, database_url=nowhere, db_pool_timeout=1.0)
+    async with AsyncTestClient(app=create_app(down)) as client:
+        started = time.monotonic()
+        response = await client.get("/metrics")
+        assert response.status_code == 200
+        assert "db_up 0.0" in response.text
+        assert time.monotonic() - started < 1.5  # within the check's own 1 s timeout
 
 
 async def test_request_id_is_echoed_or_generated(client: Client) -> None:

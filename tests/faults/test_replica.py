@@ -176,6 +176,7 @@ async def test_reads_are_served_by_the_replica(replicated: Replicated, tmp_path:
             page = await client.get("/items?limit=5")
             assert [item["id"] for item in page.json()["items"]] == [1, 2, 3, 4, 5]
             reads = await reads_by_target(client)
+            metrics = (await client.get("/metrics")).text
             write = await client.patch("/items", json=[{"id": 1, "value": 1.5}], headers=AUTH)
             malformed = await client.get("/items/1", headers={"Consistency-Token": "0/16B3"})
             on_replica_count = await on_replica(replicated, READ_POOL_SESSIONS)
@@ -185,6 +186,8 @@ async def test_reads_are_served_by_the_replica(replicated: Replicated, tmp_path:
             finally:
                 await primary.close()
     assert reads == {"replica": 21, "primary": 0, "fallback": 0}
+    assert "db_replica_max_lag_seconds 5.0" in metrics  # READ_MAX_LAG_MS's default
+    assert "db_replica_healthy 1.0" in metrics
     assert write.status_code == 200
     assert re.fullmatch(r"[0-9a-f]{16}", write.headers["consistency-token"])
     assert malformed.status_code == 400
