@@ -1,21 +1,27 @@
-"""The OpenAPI document and the docs page: Swagger UI served by the service itself, under a
-Content-Security-Policy that lets the page load nothing from anywhere else."""
+"""The OpenAPI document (its errors, with their real bodies as examples) and the docs page:
+Swagger UI served by the service itself, under a Content-Security-Policy that lets the page load
+nothing from anywhere else."""
 
 from __future__ import annotations
 
+import dataclasses
 import html
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from litestar import Request, Router
 from litestar.datastructures import ResponseHeader
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.plugins import OpenAPIRenderPlugin, YamlRenderPlugin
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar.openapi.spec import Components, Example, Operation, SecurityScheme
 from litestar.static_files import create_static_files_router
 
 from service import __version__
 from service.auth import BEARER_SCHEME
+from service.errors import PROBLEM_MEDIA_TYPE, problem_document
+from service.schemas import INT4_MAX, Problem
 
 DOCS_PATH = "/schema"
 # Swagger UI (vendored from npm's swagger-ui-dist by `make swagger-ui`) and the page's script.
@@ -38,6 +44,91 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "frame-ancestors 'none'",
     )
 )
+
+
+def problem(description: str, status: int, detail: str, **members: Any) -> ResponseSpec:
+    """A documented problem+json answer; its example is the body the service sends for it."""
+    example = problem_document(status, detail, **members)
+    return ResponseSpec(
+        Problem,
+        description=description,
+        media_type=PROBLEM_MEDIA_TYPE,
+        generate_examples=False,
+        examples=[Example(value=example)],
+    )
+
+
+def answers(shape: type[Any], status: int = 200) -> dict[int, ResponseSpec]:
+    """The OpenAPI success response of a handler that returns a `JSONAnswer` of `shape`."""
+    return {
+        status: ResponseSpec(
+            shape, description=HTTPStatus(status).description, generate_examples=False
+        )
+    }
+
+
+@dataclasses.dataclass
+class NoValidationError(Operation):
+    """An operation without Litestar's default 400 (application/json, status_code and extra),
+    which it documents for every route with a parameter: an item id that is no integer, or out
+    of range, names no row, so it is a 404, and nothing else on these routes is validated."""
+
+    def __post_init__(self) -> None:
+        if self.responses is not None:
+            self.responses.pop("400", None)
+
+
+# Each error the item endpoints answer, with what causes it and the body it comes with (checked
+# against real answers by tests/test_openapi.py); each route adds its own 404 and 422.
+UNAVAILABLE = problem(
+    "The database is unavailable, busy or slow to answer, or the service is at capacity:"
+    " retry after `Retry-After` seconds. A write that timed out may have been applied.",
+    503,
+    "the database is unavailable; retry shortly",
+)
+UNAUTHORIZED = problem(
+    "No bearer token, or not one of API_TOKENS.", 401, "a bearer token is required for writes"
+)
+BAD_QUERY = problem(
+    "A query parameter is not a number, out of its range, empty, or given more than once.",
+    400,
+    "invalid query or path parameter: limit",
+    errors=[{"message": "Expected `int` >= 1", "key": "limit", "source": "query"}],
+)
+BAD_WRITE = problem(
+    "The body is not JSON, or the Idempotency-Key header is malformed or given twice.",
+    400,
+    "the request body is not valid JSON",
+)
+NO_SUCH_ITEM = problem(
+    f"No row has this id; an id outside 1..{INT4_MAX} names none either.",
+    404,
+    "no item with id 7",
+)
+TOO_LARGE = problem("The body is larger than MAX_BODY_BYTES.", 413, "the request body is too large")
+NOT_JSON = problem(
+    "The body is not declared as JSON (Content-Type: application/json or */*+json).",
+    415,
+    "the request body must be JSON (Content-Type: application/json)",
+)
+WRITE_CONFLICT = problem(
+    "The Idempotency-Key is in use by a request still in progress, or the rows are locked by"
+    " another transaction (both with `Retry-After`); or the write conflicts with an existing row"
+    " (a unique key). Nothing was changed.",
+    409,
+    "a request with this Idempotency-Key is still in progress; retry shortly",
+)
+READ_ERRORS = {400: BAD_QUERY, 503: UNAVAILABLE}
+# A malformed JSON body is a problem document too, so each write lists its own 400 rather than
+# Litestar's default (application/json).
+WRITE_ERRORS = {
+    400: BAD_WRITE,
+    401: UNAUTHORIZED,
+    409: WRITE_CONFLICT,
+    413: TOO_LARGE,
+    415: NOT_JSON,
+    503: UNAVAILABLE,
+}
 
 PAGE = """<!DOCTYPE html>
 <html lang="en">
