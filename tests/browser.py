@@ -98,6 +98,20 @@ class DevTools:
             time.sleep(0.1)
         return None
 
+    def click(self, element: str, timeout: float = 5.0) -> None:
+        """Click the element a JavaScript expression names, once it is there."""
+        if not self.wait_for(f"!!{element}", timeout):
+            raise AssertionError(f"never appeared: {element}")
+        self.evaluate(f"{element}.click()")
+
+    def type_into(self, element: str, text: str) -> None:
+        """Type `text` into an input once it is there, as a person would (React sees the input
+        events)."""
+        if not self.wait_for(f"!!{element}", 5.0):
+            raise AssertionError(f"never appeared: {element}")
+        self.evaluate(f"{element}.focus()")
+        self.call("Input.insertText", text=text)
+
     def screenshot(self, path: Path) -> None:
         """The whole page, not only the window, as a PNG."""
         data = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
