@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run run-replica test lint unit faults deploy-check load rehearse bench lock swagger-ui clean
+.PHONY: run run-replica test lint unit faults deploy-check image image-check load rehearse bench lock \
+	swagger-ui clean
 
 # Plain-text logs for people, unless LOG_FORMAT is set in the environment.
 run: $(STAMP)
@@ -39,6 +40,19 @@ faults: $(STAMP)
 # Static checks of the Dockerfile and k8s/: tools pinned in deploy/*.lock, installed on first use.
 deploy-check:
 	PYTHON=$(PYTHON) bash deploy/validate.sh
+
+# The Dockerfile built with podman (docker where only it is), tagged as the dev overlay deploys it.
+# Where no registry answers, its base debian:trixie-slim is made from Debian's packages first
+# (mmdebstrap). README, "Container image".
+IMAGE ?= registry.example.com/playing-with-neon-service:dev
+image:
+	IMAGE=$(IMAGE) $(PYTHON) deploy/image.py
+
+# Builds the image, then runs it as k8s/base runs the pods (UID 10001, read-only root, no
+# capabilities, /tmp a tmpfs) against a PostgreSQL of its own: migrate, serve, the API, the
+# HEALTHCHECK, SIGTERM draining, load; prints the figures (size, start to ready, RSS).
+image-check: $(STAMP)
+	IMAGE=$(IMAGE) $(BIN)/python -m tests.image.check
 
 # Locust headless against the service as shipped (seeded embedded database), or against LOAD_HOST.
 # Knobs, as environment or make variables: LOAD_USERS=50 LOAD_SPAWN_RATE=10 LOAD_DURATION=60 (s)

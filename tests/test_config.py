@@ -197,8 +197,9 @@ def test_bad_url_error_does_not_echo_the_password() -> None:
 
 
 def example_tokens() -> list[str]:
-    """Every API_TOKENS value the repository's examples show (.env.example, k8s, README)."""
+    """Every API_TOKENS value the repository's examples show (.env.example, k8s, README, docs)."""
     files = [PROJECT_ROOT / ".env.example", PROJECT_ROOT / "README.md"]
+    files += sorted((PROJECT_ROOT / "docs").glob("*.md"))
     files += sorted((PROJECT_ROOT / "k8s").rglob("*.example"))
     found = re.findall(r"API_TOKENS=([^\s`'\"]+)", "".join(f.read_text() for f in files))
     return sorted({token for value in found for token in value.split(",")})

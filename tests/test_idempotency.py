@@ -90,6 +90,22 @@ async def test_a_retried_post_gets_the_stored_answer_and_inserts_nothing(
     assert await stored_keys(engine) == stored
 
 
+async def test_a_keyed_post_answers_values_as_numbers_with_a_fraction_as_an_unkeyed_one_does(
+    keyed_client: Client,
+) -> None:
+    # The stored rows are JSON, where a whole real like 820 loses its ".0": a client that
+    # checks `value` is a float (the rehearsal's locust users do) must see 820.0 either way.
+    rows = [{"name": "whole", "value": 820.0}, {"name": "half", "value": 0.5}]
+    plain = await keyed_client.post("/items", json=rows, headers=AUTH)
+    key = new_key()
+    first = await keyed_client.post("/items", json=rows, headers=keyed(key))
+    retry = await keyed_client.post("/items", json=rows, headers=keyed(key))
+    for answer in (plain, first, retry):
+        assert answer.status_code == 201, answer.text
+        assert [item["value"] for item in answer.json()["items"]] == [820.0, 0.5]
+        assert b'"value":820.0' in answer.content, answer.content
+
+
 async def test_a_retried_patch_changes_nothing_even_after_other_writes(
     keyed_client: Client, engine: AsyncEngine
 ) -> None:

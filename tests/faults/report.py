@@ -3,7 +3,7 @@
 Tests call `record(...)`; every row is kept in memory (the fault suite prints the table at the end
 of the run) and, when RELIABILITY_REPORT names a file, appended to it as one JSON line. The file is
 started afresh by the first record of each test run. `python -m tests.faults.report FILE` turns
-such a file into the Markdown table that the README's Reliability section shows.
+such a file into the Markdown table that docs/reliability.md shows.
 """
 
 from __future__ import annotations

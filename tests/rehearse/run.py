@@ -19,7 +19,7 @@ budget was exceeded or a process did not exit 0; 2 when the rehearsal itself cou
 
 Environment: REHEARSE_DURATION (40 s of load, the roll inside), REHEARSE_USERS (20). Every process
 is started here and ended by its PID; the whole run is
-bounded by a hard timeout of REHEARSE_DURATION + 120 s.
+bounded by a hard timeout of REHEARSE_DURATION + 180 s.
 """
 
 from __future__ import annotations
@@ -83,8 +83,11 @@ CONNECTIONS_PER_PROCESS = POOL_SIZE + 1
 PGBOUNCER_POOL = PEAK_PROCESSES * CONNECTIONS_PER_PROCESS
 LOCUST_WORKERS = 2
 SPAWN_RATE = 10
-# Seconds of the run after the ramp-up and before the roll, for the "before" p99.
+# Seconds of the run after the ramp-up and before the roll, for the "before" p99, and after it.
 BEFORE_SECONDS = 10
+AFTER_SECONDS = 10
+# How much longer than REHEARSE_DURATION the load may run while a slow roll finishes.
+ROLL_SLACK_SECONDS = 60
 # The drain as shipped: readiness fails for SHUTDOWN_DELAY_SECONDS (2), then in-flight requests
 # finish (up to 20 s), then the pool closes.
 EXIT_SECONDS = 30
@@ -346,7 +349,10 @@ class Rehearsal:
             "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(master_port),
             "--expect-workers", str(LOCUST_WORKERS), "--headless",
             "--users", str(self.users), "--spawn-rate", str(SPAWN_RATE),
-            "--run-time", f"{self.seconds}s", "--stop-timeout", "10",
+            # An upper bound only: the rehearsal stops the load (SIGINT) once the roll is done
+            # and the load has run its REHEARSE_DURATION, however long a busy machine took
+            # to start the new processes.
+            "--run-time", f"{self.seconds + ROLL_SLACK_SECONDS}s", "--stop-timeout", "10",
             "--csv", str(REPORT / "rehearsal"), "--html", str(REPORT / "rehearsal.html"),
             "--only-summary",
         ]  # fmt: skip
@@ -518,7 +524,9 @@ def main_rehearsal(users: int, seconds: int) -> dict[str, Any]:
         if master.poll() is not None:
             raise RehearsalError("the load ended before the roll did: raise REHEARSE_DURATION")
         rehearsal.note("roll done; load goes on to its end")
-        locust_status = master.wait(timeout=seconds + 60)
+        time.sleep(max(load_started + seconds, roll_ended + AFTER_SECONDS) - time.time())
+        master.send_signal(signal.SIGINT)  # locust writes its reports, then exits
+        locust_status = master.wait(timeout=60)
         # A leaving process fails CHECK_FALL checks on purpose; any other failed check is a
         # process in service whose /readyz said 503.
         rolled = {step["old"] for step in rehearsal.steps}
@@ -696,7 +704,7 @@ def main() -> int:
         users = setting("REHEARSE_USERS", 20)
         seconds = setting("REHEARSE_DURATION", 40)
         REPORT.mkdir(exist_ok=True)
-        with hard_timeout(seconds + 120):
+        with hard_timeout(seconds + ROLL_SLACK_SECONDS + 120):
             figures = main_rehearsal(users, seconds)
     except (LoadError, subprocess.SubprocessError, OSError) as exc:
         print(f"rehearsal error: {exc}", file=sys.stderr)
