@@ -313,6 +313,10 @@ def normalise_database_url(raw: str, key: str = "DATABASE_URL") -> dict[str, obj
         url = make_url(raw)
     except ArgumentError:
         url = None
+    except ValueError:  # SQLAlchemy's own int() of the port
+        raise SettingsError(key, "has a port that is not a number (host:5432)") from None
+    if url is not None and url.port is not None and not 1 <= url.port <= 65535:
+        raise SettingsError(key, f"has port {url.port}, outside 1..65535")
     if url is None or url.get_backend_name() not in ("postgres", "postgresql"):
         problem = f"not {url.drivername}://" if url else "not a URL"
         raise SettingsError(key, f"must be postgresql://user:password@host/db, {problem}")
