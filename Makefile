@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: run run-replica test lint unit faults deploy-check image image-check load rehearse bench lock \
-	clean
+	swagger-ui clean
 
 # Plain-text logs for people, unless LOG_FORMAT is set in the environment.
 run: $(STAMP)
@@ -92,6 +92,20 @@ lock: $(STAMP)
 		--no-header --quiet -o requirements.lock
 	$(BIN)/uv pip compile pyproject.toml --extra embedded --extra dev --universal \
 		--python-version 3.11 --generate-hashes --no-header --quiet -o requirements-dev.lock
+
+# Swagger UI for the docs page (/schema/swagger), vendored in service/static/swagger-ui from npm's
+# swagger-ui-dist (npm pack checks the tarball against the registry's integrity hash; it runs no
+# install scripts). Only the bundle, its stylesheet, a favicon and the licences are kept.
+SWAGGER_UI_VERSION ?= 5.35.0
+SWAGGER_UI_FILES := LICENSE NOTICE package.json favicon-32x32.png swagger-ui-bundle.js \
+	swagger-ui-bundle.js.LICENSE.txt swagger-ui.css
+swagger-ui:
+	rm -rf .swagger-ui-dist && mkdir .swagger-ui-dist
+	cd .swagger-ui-dist && npm pack --silent swagger-ui-dist@$(SWAGGER_UI_VERSION) >/dev/null \
+		&& tar -xzf swagger-ui-dist-$(SWAGGER_UI_VERSION).tgz
+	rm -rf service/static/swagger-ui && mkdir -p service/static/swagger-ui
+	cd .swagger-ui-dist/package && cp $(SWAGGER_UI_FILES) ../../service/static/swagger-ui/
+	rm -rf .swagger-ui-dist
 
 clean:
 	rm -rf $(VENV) .venv-load .venv-deploy .venv-checkov load-report .mypy_cache .ruff_cache .pytest_cache

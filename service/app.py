@@ -15,14 +15,11 @@ from typing import Any
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from service import __version__
-from service.auth import BEARER_SCHEME, token_digests
+from service.auth import token_digests
 from service.config import (
     Settings,
     check_writes_are_protected,
@@ -38,6 +35,7 @@ from service.db import (
     lease_deadline_seconds,
     pooler_keeps_prepared_statements,
 )
+from service.docs import openapi_config
 from service.errors import (
     FailureLog,
     handle_database_error,
@@ -244,16 +242,5 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
         request_max_body_size=settings.max_body_bytes,
         # Logging is configured once by the command line (service.logs), not per app.
         logging_config=None,
-        openapi_config=OpenAPIConfig(
-            title="playing_with_neon items",
-            version=__version__,
-            path="/schema",
-            components=Components(
-                security_schemes={
-                    BEARER_SCHEME: SecurityScheme(
-                        type="http", scheme="bearer", description="One of API_TOKENS."
-                    )
-                }
-            ),
-        ),
+        openapi_config=openapi_config(),
     )

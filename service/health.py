@@ -9,6 +9,7 @@ import math
 
 from litestar import get
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import Response
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -80,7 +81,17 @@ def get_liveness() -> Health:
     return Health(status="ok")
 
 
-@get("/readyz")
+@get(
+    "/readyz",
+    responses={
+        503: ResponseSpec(
+            Health,
+            description="Not ready: the process is draining, or the database did not answer"
+            " `SELECT 1` within 1 s.",
+            generate_examples=False,
+        )
+    },
+)
 async def get_readiness(state: State) -> Response[Health]:
     """200 when the database answers `SELECT 1` within 1 s and the process is not draining.
 

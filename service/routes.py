@@ -8,20 +8,28 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from http import HTTPStatus
 from typing import Annotated, Any
 
 from litestar import Request, delete, get, patch, post
 from litestar.exceptions import ValidationException
-from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import JSONBody, QueryParameter
 from sqlalchemy import Executable
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import queries
 from service.auth import WRITE_SECURITY, authorize_json_write, authorize_write
 from service.db import SessionPool, connection_was_lost, nothing_reached_server
-from service.errors import ProblemException, problem_document, refusal_reason
+from service.docs import (
+    NO_SUCH_ITEM,
+    READ_ERRORS,
+    UNAUTHORIZED,
+    UNAVAILABLE,
+    WRITE_ERRORS,
+    NoValidationError,
+    answers,
+    problem,
+)
+from service.errors import CONSTRAINT_CONFLICTS, ProblemException, problem_document, refusal_reason
 from service.idempotency import idempotency_key, write_once
 from service.replica import (
     CONSISTENCY_HEADER,
@@ -38,7 +46,7 @@ from service.schemas import (
     ItemPage,
     NewItem,
     NewItemsBody,
-    Problem,
+    PathItemId,
     UpdateResult,
     ValueUpdate,
     ValueUpdatesBody,
@@ -46,37 +54,13 @@ from service.schemas import (
 
 log = logging.getLogger("service.routes")
 
-PROBLEM = ResponseSpec(
-    Problem, description="Problem document", media_type="application/problem+json"
-)
 
-
-def answers(shape: type[Any], status: int = 200) -> dict[int, ResponseSpec]:
-    """The OpenAPI success response of a handler that returns a `JSONAnswer` of `shape`."""
-    return {
-        status: ResponseSpec(
-            shape, description=HTTPStatus(status).description, generate_examples=False
-        )
-    }
-
-
-READ_ERRORS = {400: PROBLEM, 503: PROBLEM}
-# 400 is listed explicitly: a malformed JSON body is answered as a problem document, and without
-# it the OpenAPI document would show Litestar's default (application/json) 400 instead.
 MISSING_IDS = "some ids do not exist; nothing was changed"
 IDEMPOTENCY = (
     "With an `Idempotency-Key` header (1 to 255 printable ASCII characters), a retry gets the"
     " stored answer with `Idempotent-Replayed: true` and changes nothing; the same key with a"
     " different request is 422, and while the first is still in progress 409 with Retry-After."
 )
-WRITE_ERRORS = {
-    400: PROBLEM,
-    401: PROBLEM,
-    413: PROBLEM,
-    415: PROBLEM,
-    422: PROBLEM,
-    503: PROBLEM,
-}
 
 
 @get("/items", responses={**answers(ItemPage), **READ_ERRORS})
@@ -105,8 +89,12 @@ async def list_items(
     )
 
 
-@get("/items/{item_id:int}", responses={**answers(Item), 404: PROBLEM, 503: PROBLEM})
-async def get_item(request: Request[Any, Any, Any], item_id: FromPath[int]) -> JSONAnswer:
+@get(
+    "/items/{item_id:int}",
+    responses={**answers(Item), 404: NO_SUCH_ITEM, 503: UNAVAILABLE},
+    operation_class=NoValidationError,
+)
+async def get_item(request: Request[Any, Any, Any], item_id: PathItemId) -> JSONAnswer:
     """One row by id."""
     rows = (
         await _read(request, queries.SELECT_ITEM, {"id": item_id})
@@ -122,7 +110,18 @@ async def get_item(request: Request[Any, Any, Any], item_id: FromPath[int]) -> J
     "/items",
     before_request=authorize_json_write,
     security=WRITE_SECURITY,
-    responses={**answers(CreatedItems, 201), **WRITE_ERRORS, 409: PROBLEM},
+    responses={
+        **answers(CreatedItems, 201),
+        **WRITE_ERRORS,
+        422: problem(
+            "A row does not fit the body's schema (types, bounds, 1..MAX_BATCH rows), a name holds"
+            " U+0000, a value breaks a rule of the table, or the Idempotency-Key came with another"
+            " request. Nothing was changed.",
+            422,
+            "a name may not contain the NUL character (U+0000)",
+            errors=[{"message": "NUL in name", "key": "$[0].name", "source": "body"}],
+        ),
+    },
     description=(
         "Inserts all rows in one statement, all or none; answers them with their new ids."
         f" {IDEMPOTENCY}"
@@ -160,7 +159,24 @@ def _created_answer(rows: Sequence[Any]) -> tuple[int, bytes]:
     "/items",
     before_request=authorize_json_write,
     security=WRITE_SECURITY,
-    responses={**answers(UpdateResult), **WRITE_ERRORS, 404: PROBLEM, 409: PROBLEM},
+    responses={
+        **answers(UpdateResult),
+        **WRITE_ERRORS,
+        404: problem(
+            "Some ids do not exist (`missing_ids`); nothing was changed.",
+            404,
+            MISSING_IDS,
+            missing_ids=[7],
+        ),
+        422: problem(
+            "An entry does not fit the body's schema (types, bounds, 1..MAX_BATCH entries), an id"
+            " is repeated, a value breaks a rule of the table, or the Idempotency-Key came with"
+            " another request. Nothing was changed.",
+            422,
+            "each id may appear once per batch; repeated: 5",
+            errors=[{"message": "duplicate id", "key": "5", "source": "body"}],
+        ),
+    },
     description=(
         "Applies every new value in one transaction, all or nothing: if any id is missing,"
         f" nothing changes and the answer is 404 with `missing_ids`. {IDEMPOTENCY}"
@@ -199,9 +215,19 @@ def _updated_answer(rows: Sequence[Any], *, updated: int) -> tuple[int, bytes]:
     "/items/{item_id:int}",
     security=WRITE_SECURITY,
     before_request=authorize_write,
-    responses={401: PROBLEM, 404: PROBLEM, 503: PROBLEM},
+    responses={
+        401: UNAUTHORIZED,
+        404: NO_SUCH_ITEM,
+        409: problem(
+            "Another table refers to this row (a foreign key); nothing was changed.",
+            409,
+            f"{CONSTRAINT_CONFLICTS['23503']}; nothing was changed",
+        ),
+        503: UNAVAILABLE,
+    },
+    operation_class=NoValidationError,
 )
-async def delete_item(request: Request[Any, Any, Any], item_id: FromPath[int]) -> None:
+async def delete_item(request: Request[Any, Any, Any], item_id: PathItemId) -> None:
     """Delete one row by id."""
     deleted = (
         await _write(request, queries.DELETE_ITEM, {"id": item_id})

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import msgspec
 from litestar.dto import MsgspecDTO
+from litestar.params import PathParameter
 
 from service.errors import ProblemException
 
@@ -21,6 +22,16 @@ ItemId = Annotated[int, msgspec.Meta(ge=1, le=INT4_MAX, description="Row id, 1..
 # The bounds reject Infinity and NaN, which JSON cannot carry and a float column should not hold.
 FiniteFloat = Annotated[float, msgspec.Meta(ge=-FLOAT8_MAX, le=FLOAT8_MAX)]
 ItemName = Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+
+# The path parameter of /items/{item_id}: the bounds of the id column, documented but not
+# validated, so that an id out of them is a 404 like any other missing row.
+PathItemId = Annotated[
+    int,
+    PathParameter(
+        description=f"Row id; ids outside 1..{INT4_MAX} name no row.",
+        schema_extra={"minimum": 1, "maximum": INT4_MAX},
+    ),
+]
 
 
 class Item(msgspec.Struct):
@@ -73,12 +84,22 @@ class Health(msgspec.Struct):
 class Problem(msgspec.Struct, omit_defaults=True):
     """An RFC 9457 problem document (served as application/problem+json)."""
 
-    title: str
-    status: int
-    detail: str
-    type: str = "about:blank"
-    errors: list[dict[str, Any]] | None = None
-    missing_ids: list[int] | None = None
+    title: Annotated[str, msgspec.Meta(description="The HTTP status's reason phrase.")]
+    status: Annotated[int, msgspec.Meta(description="The HTTP status code, repeated.")]
+    detail: Annotated[str, msgspec.Meta(description="What went wrong, for a person to read.")]
+    type: Annotated[
+        str, msgspec.Meta(description="Always about:blank: the status says what kind it is.")
+    ] = "about:blank"
+    errors: Annotated[
+        list[dict[str, Any]] | None,
+        msgspec.Meta(
+            description="Where the request is wrong: each with a message, and where known the"
+            " source (query, path or body) and key (the parameter, or a JSON path in the body)."
+        ),
+    ] = None
+    missing_ids: Annotated[
+        list[int] | None, msgspec.Meta(description="PATCH /items: the ids that do not exist.")
+    ] = None
 
 
 class _StrictJSONBody:

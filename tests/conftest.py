@@ -174,6 +174,16 @@ async def table_snapshot(engine: AsyncEngine) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in result]
 
 
+def documented_answers(document: dict[str, Any]) -> set[tuple[str, str, int]]:
+    """Every (method, path template, status) an OpenAPI document lists, methods in lower case."""
+    return {
+        (method, template, int(status))
+        for template, operations in document["paths"].items()
+        for method, operation in operations.items()
+        for status in operation["responses"]
+    }
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as probe:

@@ -20,7 +20,13 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import AUTH, run_service, service_environment, table_snapshot
+from tests.conftest import (
+    AUTH,
+    documented_answers,
+    run_service,
+    service_environment,
+    table_snapshot,
+)
 from tests.faults.report import record
 
 Client = AsyncTestClient[Any]
@@ -179,6 +185,10 @@ async def test_bad_input_gets_its_4xx_and_changes_nothing(
     assert response.headers["content-type"].startswith(PROBLEM_JSON)
     assert response.json()["status"] == status
     assert await table_snapshot(engine) == before
+    # An answer the OpenAPI document does not list for the operation would surprise a client.
+    document = (await client.get("/schema/openapi.json")).json()
+    template = "/items/{item_id}" if path.startswith("/items/") else path.partition("?")[0]
+    assert (method.lower(), template, status) in documented_answers(document)
 
 
 # Stored and read back exactly as sent: exotic but valid text, and SQL that is only text.
