@@ -20,7 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -706,3 +706,17 @@ async def backends_gone(database: URL) -> None:
     finally:
         await connection.close()
     raise AssertionError("the killed service's sessions never ended")
+
+
+@contextlib.contextmanager
+def primary_with_replica() -> Iterator[tuple[ControlledPostgres, ControlledPostgres]]:
+    """A primary of its own and a streaming replica of it, both destroyed afterwards."""
+    primary = ControlledPostgres.create()
+    try:
+        replica = primary.create_replica()
+        try:
+            yield primary, replica
+        finally:
+            replica.destroy()
+    finally:
+        primary.destroy()

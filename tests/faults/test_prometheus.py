@@ -46,7 +46,14 @@ from tests.conftest import (
     service_environment,
 )
 from tests.faults.report import record, status_counts
-from tests.faults.support import ControlledPostgres, Outcome, run_until, seed_rows, send
+from tests.faults.support import (
+    ControlledPostgres,
+    Outcome,
+    primary_with_replica,
+    run_until,
+    seed_rows,
+    send,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -205,15 +212,8 @@ def servers() -> Iterator[tuple[ControlledPostgres, ControlledPostgres]]:
     """A primary and its streaming replica, for this module alone (the test stops the primary)."""
     if PROMETHEUS is None:
         pytest.skip("prometheus is not installed (Debian: apt-get install prometheus)")
-    primary = ControlledPostgres.create()
-    try:
-        replica = primary.create_replica()
-        try:
-            yield primary, replica
-        finally:
-            replica.destroy()
-    finally:
-        primary.destroy()
+    with primary_with_replica() as servers:
+        yield servers
 
 
 @pytest.fixture

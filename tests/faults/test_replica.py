@@ -37,6 +37,7 @@ from tests.faults.support import (
     PgBouncer,
     TcpBalancer,
     modern_pgbouncer,
+    primary_with_replica,
     run_until,
     seed_rows,
     send,
@@ -68,15 +69,8 @@ class Replicated:
 @pytest.fixture(scope="module")
 def servers() -> Iterator[tuple[ControlledPostgres, ControlledPostgres]]:
     """A primary and its streaming replica, for this module alone (its tests stop both)."""
-    primary = ControlledPostgres.create()
-    try:
-        replica = primary.create_replica()
-        try:
-            yield primary, replica
-        finally:
-            replica.destroy()
-    finally:
-        primary.destroy()
+    with primary_with_replica() as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")
