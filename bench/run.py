@@ -54,6 +54,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 import asyncpg
+import production
 from pgwire import WireCounter
 from profile_summary import summarise_profile
 
@@ -72,7 +73,7 @@ TOKEN = "bench-token-not-a-secret-0123456789"
 # calling shell has exported, except what the benchmark sets.
 SERVICE_KEYS = (
     "DATABASE_URL", "DB_HOST", "DB_NAME", "DB_USERNAME", "DB_PASSWORD", "DB_PORT", "DB_SSLMODE",
-    "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_POOL_RECYCLE",
+    "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_POOL_RECYCLE", "DB_POOLER",
     "DB_STATEMENT_TIMEOUT_MS", "DB_PGBOUNCER", "API_TOKENS", "AUTH_DISABLED", "MAX_BATCH",
     "MAX_BODY_BYTES", "HOST", "PORT", "SHUTDOWN_DELAY_SECONDS", "WORKERS", "LOG_LEVEL",
     "LOG_FORMAT", "EMBEDDED_DB_DIR", "DATABASE_READ_URL", "DB_READ_HOST", "DB_READ_POOL_SIZE",
@@ -152,6 +153,7 @@ class Options:
     replica_url: str | None = None  # set once the replica is up, for SERVICE_REPLICA
     # The embedded replica, started only for SERVICE_REPLICA's servers (None: an external one).
     replica: BenchReplica | None = None
+    production: production.Settings | None = None  # bench/production.py's section
 
 
 # --------------------------------------------------------------------------------------------
@@ -1077,6 +1079,7 @@ def write_results(
     profiles: dict[str, dict[str, Any]],
     started: datetime.datetime,
     elapsed: float,
+    production_lines: list[str] | None = None,
 ) -> str:
     summary = summarise(rounds, options.targets)
     others = [r["cpu_cores"]["other"] for r in rounds] or [float("nan")]
@@ -1171,6 +1174,8 @@ def write_results(
         "",
         *keyed_table(keyed),
         "",
+        *(production_lines or []),
+        "",
         "## Profiles (py-spy)",
         "",
         *profile_section(profiles),
@@ -1244,6 +1249,7 @@ def parse_options() -> Options:
         "that service with 1 worker, to every round; repeatable. For trying a change first.",
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="the Markdown report")
+    production.add_arguments(parser)
     args = parser.parse_args()
     known = {t.key: t for t in (SERVICE_1, SERVICE_2, BASELINE, SERVICE_REPLICA)}
     try:
@@ -1270,6 +1276,7 @@ def parse_options() -> Options:
         keyed_rounds=args.keyed_rounds,
         overload_connections=args.overload_connections,
         database_url=env("BENCH_DATABASE_URL") or None,
+        production=production.settings_from(args),
     )
 
 
@@ -1283,6 +1290,8 @@ def main() -> int:
     where = f"embedded in {EMBEDDED_DIR}" if database.embedded else "BENCH_DATABASE_URL"
     print(f"PostgreSQL: {where}", flush=True)
     prepare_database(database)
+    if options.production and options.production.only:
+        return production.main_only(sys.modules[__name__], options, database)
     with contextlib.ExitStack() as cleanup:
         if any(t.reads_from_replica for t in options.targets):
             options.replica_url, options.replica = start_replica(database, cleanup)
@@ -1422,6 +1431,10 @@ def run_everything(
 
     keyed = measure_idempotency_keys(options, database) if SERVICE_1 in options.targets else []
 
+    produced = None
+    if options.production and options.production.rounds:
+        produced = production.run(sys.modules[__name__], options, database)
+
     profiles: dict[str, dict[str, Any]] = {}
     py_spy = find_py_spy() if options.profile else None
     if py_spy:
@@ -1440,6 +1453,7 @@ def run_everything(
         "keyed": keyed,
         "round_trips": counted,
         "profiles": profiles,
+        "production": produced,
     }
     (WORK / "last-run.json").write_text(json.dumps(raw, indent=1, default=str))
     table = write_results(
@@ -1452,6 +1466,9 @@ def run_everything(
         profiles,
         started,
         time.monotonic() - clock,
+        production_lines=production.report(produced, False, f"{started:%Y-%m-%d %H:%M} UTC")
+        if produced
+        else None,
     )
     print()
     print(table)
