@@ -12,7 +12,8 @@ when installed) so its CPU time is its own, apart from the servers' figures.
 
 It also measures, per connection, how long the far side took to answer: the time between
 forwarding a chunk from the client and the first chunk of the answer (PostgreSQL's time per
-round trip, loopback included), for the Little's-law bound in bench/production.py.
+round trip, loopback included), for the Little's-law bound in bench/production.py, and how long
+the client kept the connection to itself between an answer and its next request.
 
 Run by bench/production.py through `DelayProxy`; by hand:
 `python bench/delay.py --one-way-ms 0.5 --upstream unix:/tmp/.s.PGSQL.5432` prints the port it
@@ -87,6 +88,10 @@ class Stats:
         self.late_over_100us = 0
         self.answers = 0  # chunks from the client that the far side answered
         self.answer_seconds = 0.0  # the far side's time for them
+        # The client's time from an answer written to it to its next chunk (the connection
+        # idle at the client: reading the answer, giving the connection to its next user).
+        self.client_turns = 0
+        self.client_seconds = 0.0
         self.connections = 0
 
     def as_dict(self) -> dict[str, float]:
@@ -98,6 +103,8 @@ class Stats:
             "late_over_100us": self.late_over_100us,
             "answers": self.answers,
             "answer_seconds": self.answer_seconds,
+            "client_turns": self.client_turns,
+            "client_seconds": self.client_seconds,
             "connections": self.connections,
         }
 
@@ -141,7 +148,8 @@ class Side(asyncio.Protocol):
         self.peer: Side | None = None
         self.transport: Any = None  # asyncio's or uvloop's transport
         self.pending: list[bytes | None] = []  # read before the peer was connected
-        # On the upstream end: when the client's last chunk was written here, if unanswered.
+        # On the upstream end: when the client's last chunk was written here, if unanswered;
+        # on the client's end: when the last answer was written here, if not followed yet.
         self.asked_at: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -156,9 +164,13 @@ class Side(asyncio.Protocol):
         stats = self.delayer.stats
         stats.chunks += 1
         stats.bytes += len(data)
-        if self.upstream and self.asked_at is not None:
-            stats.answers += 1
-            stats.answer_seconds += time.monotonic() - self.asked_at
+        if self.asked_at is not None:
+            if self.upstream:
+                stats.answers += 1
+                stats.answer_seconds += time.monotonic() - self.asked_at
+            else:
+                stats.client_turns += 1
+                stats.client_seconds += time.monotonic() - self.asked_at
             self.asked_at = None
         if self.peer is None:
             self.pending.append(data)
@@ -185,7 +197,7 @@ class Side(asyncio.Protocol):
         if data is None:
             self.transport.close()
             return
-        if self.upstream and self.asked_at is None:
+        if self.asked_at is None:
             self.asked_at = now
         self.transport.write(data)
 
@@ -281,7 +293,7 @@ class DelayProxy:
 
     def stop(self) -> None:
         """Close its stdin (it exits by itself), by its PID if it does not."""
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
         with contextlib.suppress(OSError):
             if self.process.stdin:
@@ -291,6 +303,9 @@ class DelayProxy:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=10)
+        finally:
+            if self.process.stdout:
+                self.process.stdout.close()
 
     def __enter__(self) -> DelayProxy:
         self.start()

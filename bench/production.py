@@ -60,6 +60,7 @@ PGBOUNCER_VERSION = "1.24.1"  # what tests/build-pgbouncer.sh builds
 PREPARED_STATEMENTS_SINCE = (1, 21)  # PgBouncer's first max_prepared_statements
 SYSTEM_USER = "pgserver"  # PgBouncer will not run as root; pgserver's user runs PostgreSQL too
 WORKLOADS = ("read", "batch")
+PLURAL = {"read": "reads", "batch": "batches"}
 KEYED_WRITES = 50  # sequential Idempotency-Key writes counted, each then replayed once
 
 
@@ -440,6 +441,7 @@ def measure(
     """Warm up, then one measured wrk run, with the CPU of every party and the delaying
     proxy's counts around it."""
     bench.run_wrk(options, workload, server.port, options.warmup)
+    wait_until_idle(bench, server)
     timings_before = bench.service_timings(server)
     pids = {"server": server.pid, "postgres": database.postmaster_pid, **parties}
     delay_before = delay.stats() if delay else None
@@ -463,7 +465,8 @@ def measure(
     row: dict[str, Any] = {
         "workload": workload,
         "requests": requests,
-        "rps": requests / (result["duration_us"] / 1e6),
+        # Answered with 2xx: the errors (none, normally) are not throughput.
+        "rps": (requests - result["status_errors"]) / (result["duration_us"] / 1e6),
         "p50_ms": result["p50_us"] / 1000,
         "p99_ms": result["p99_us"] / 1000,
         "errors": sum(
@@ -490,10 +493,33 @@ def measure(
             # The far side's time per request: PgBouncer, PostgreSQL and loopback.
             "database_ms": d["answer_seconds"] / max(requests, 1) * 1000,
             "answers_per_request": d["answers"] / max(requests, 1),
+            # The server's own time per round trip with the connection idle at its end.
+            "client_ms": d["client_seconds"] / max(d["client_turns"], 1) * 1000,
             "late_ms": d["late_seconds"] / max(d["chunks"], 1) * 1000,
             "late_max_ms": delay_after["late_max_seconds"] * 1000,
         }
     return row
+
+
+def wait_until_idle(bench: ModuleType, server: Any) -> None:
+    """Until the requests of the wrk run that just ended are answered (10 s at most).
+
+    wrk closes its connections at the end of a run, but the server still answers the requests
+    they had sent, while the next run's connections arrive: at a few ms per request that
+    overlap is long enough for the service's in-flight limit (8 per pooled connection) to shed
+    the newcomers, and for the baseline to start with a queue.
+    """
+    if server.target.kind != "service":
+        time.sleep(0.5)  # the baseline has no gauge; 64 requests take < 0.2 s at 400 req/s
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status, body = bench.http_request(server.port, "GET", "/metrics")
+        gauge = [line for line in body.decode().splitlines()
+                 if line.startswith("http_requests_in_flight ")]  # fmt: skip
+        if status != 200 or not gauge or float(gauge[0].split()[1]) <= 1:  # this scrape
+            return
+        time.sleep(0.05)
 
 
 def run_rounds(
@@ -773,12 +799,16 @@ def rtt_lines(summary: Summary, rtt: float) -> list[str]:
         f"{summary.pool}: `pool / (round trips x RTT + database time)`, with the RTT as the "
         "proxy delivered it (nominal plus its measured lateness each way) and the database "
         "time per request as the proxy measured it under this load (from forwarding a request "
-        "to the first byte of its answer: PgBouncer, PostgreSQL and loopback).",
+        "to the first byte of its answer: PgBouncer, PostgreSQL and loopback). The server's "
+        "turn is what the bound leaves out: per round trip, the time from an answer written to "
+        "the server to the next request on that connection (the server reading the answer, "
+        "handing the connection to the next request, which sends its statement).",
         "",
         "| workload | server | req/s | Little's-law bound | ÷ bound | ÷ baseline | round trips "
-        "| database ms per request | p50 ms | p99 ms | errors | CPU: server / PgBouncer / "
-        "PostgreSQL (cores) | delaying proxy CPU (cores) | proxy lateness, mean / max ms |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|---|",
+        "| database ms per request | server's turn ms | p50 ms | p99 ms | errors "
+        "| CPU: server / PgBouncer / PostgreSQL (cores) | delaying proxy CPU (cores) "
+        "| proxy lateness, mean / max ms |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|---|",
     ]
     for workload in WORKLOADS:
         for server in ("service", "unprepared", "baseline"):
@@ -801,7 +831,7 @@ def rtt_lines(summary: Summary, rtt: float) -> list[str]:
                 f"| {fmt(summary.bound(key, workload))} "
                 f"| {fmt(summary.of_bound(key, workload), 2)} | {of_base} "
                 f"| {fmt(trips, 2) if trips is not None else 'n/a'} "
-                f"| {fmt(delay('database_ms'), 2)} "
+                f"| {fmt(delay('database_ms'), 2)} | {fmt(delay('client_ms'), 2)} "
                 f"| {fmt(summary.median(key, workload, lambda r: r['p50_ms']), 1)} "
                 f"| {fmt(summary.median(key, workload, lambda r: r['p99_ms']), 1)} "
                 f"| {sum(r['errors'] for r in runs)} of {sum(r['requests'] for r in runs):,} "
@@ -818,7 +848,7 @@ def target_lines(summary: Summary, rtts_ms: list[float]) -> list[str]:
     fast = key_of("service", True, 0)
     for workload in WORKLOADS:
         checks.append(
-            (f"{workload}s through PgBouncer (fast) ÷ the service direct",
+            (f"{PLURAL[workload]} through PgBouncer (fast) ÷ the service direct",
              summary.paired(fast, direct, workload), 0.9)
         )  # fmt: skip
         trips = summary.round_trips(fast, workload)
@@ -827,11 +857,11 @@ def target_lines(summary: Summary, rtts_ms: list[float]) -> list[str]:
         key, base = key_of("service", True, rtt), key_of("baseline", True, rtt)
         for workload in WORKLOADS:
             checks.append(
-                (f"{workload}s at RTT {rtt:g} ms ÷ Little's-law bound",
+                (f"{PLURAL[workload]} at RTT {rtt:g} ms ÷ Little's-law bound",
                  summary.of_bound(key, workload), 0.85)
             )  # fmt: skip
             checks.append(
-                (f"{workload}s at RTT {rtt:g} ms ÷ the baseline",
+                (f"{PLURAL[workload]} at RTT {rtt:g} ms ÷ the baseline",
                  summary.paired(key, base, workload), 0.9)
             )  # fmt: skip
     lines = ["Targets (issue 16), the service in DB_POOLER=transaction:", ""]
