@@ -12,9 +12,11 @@ One run does, in this order, everything on 127.0.0.1 and everything bounded in t
    every round), each server freshly started, each workload warmed up and then measured with
    `wrk -t1 -c64 --latency` (bench/read.lua, bench/batch.lua), sampling the CPU time of wrk,
    the server's process tree and PostgreSQL's process tree, and of the whole machine;
-4. profiles the service (read and batch load) and the baseline (read load) with py-spy, if it is
+4. measures the production path (bench/production.py: PgBouncer 1.24.1 in both DB_POOLER modes,
+   database round trips of 1 and 4 ms from bench/delay.py), in rounds of its own;
+5. profiles the service (read and batch load) and the baseline (read load) with py-spy, if it is
    installed, and sorts the samples into components;
-5. prints the medians and writes bench/RESULTS.md, keeping the hand-written analysis below the
+6. prints the medians and writes bench/RESULTS.md, keeping the hand-written analysis below the
    marker line.
 
 Run with the service's virtual environment: `.venv/bin/python bench/run.py --help`.
