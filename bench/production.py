@@ -610,6 +610,14 @@ class Summary:
         self.rows = raw["rows"]
         self.pool = raw["pool"]
 
+    def other_cores(self) -> float | None:
+        values = [r["cpu_cores"]["other"] for r in self.rows]
+        return statistics.median(values) if values else None
+
+    def other_range(self) -> str:
+        values = [r["cpu_cores"]["other"] for r in self.rows] or [0.0]
+        return f"{min(values):.2f} to {max(values):.2f}"
+
     def runs(self, key: str, workload: str) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["setup"] == key and r["workload"] == workload]
 
@@ -702,12 +710,14 @@ def report(raw: dict[str, Any], only: bool, when: str) -> list[str]:
         f"{pgb['default_pool_size']}`) on 127.0.0.1 in front of the same PostgreSQL. Round-trip "
         "times come from bench/delay.py, a delaying proxy (a process of its own, uvloop, "
         "timerfd) between the server and PgBouncer that holds every chunk half the RTT in "
-        "each direction.",
+        "each direction. Other work on this shared machine took a median of "
+        f"{fmt(summary.other_cores(), 2)} cores during these measured runs (range "
+        f"{summary.other_range()}): compare the ratios, measured side by side.",
         "",
         "### Through PgBouncer, on loopback",
         "",
         "| workload | server | way to PostgreSQL | req/s | p50 ms | p99 ms | errors "
-        "| ÷ the service direct | ÷ the baseline the same way | round trips per request "
+        "| ÷ the same server direct | ÷ the baseline the same way | round trips per request "
         "| CPU: server / PgBouncer / PostgreSQL (cores) |",
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
@@ -738,7 +748,8 @@ def row_line(summary: Summary, key: str, workload: str, pooled: bool) -> str:
     setup = summary.setups[key]
     label = SERVERS[setup["server"]][0]
     base = key_of("baseline", pooled, setup["rtt_ms"])
-    direct = key_of("direct", False, 0)
+    # The same server's direct row: the baseline's own, the service's in DB_POOLER=none.
+    direct = key_of("baseline" if setup["server"] == "baseline" else "direct", False, 0)
     of_direct = "1" if key == direct else fmt(summary.paired(key, direct, workload), 2)
     of_base = "1" if setup["server"] == "baseline" else fmt(summary.paired(key, base, workload), 2)
     trips = summary.round_trips(key, workload)
