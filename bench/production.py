@@ -628,6 +628,14 @@ class Summary:
     def rps(self, key: str, workload: str) -> float | None:
         return self.median(key, workload, lambda r: r["rps"])
 
+    def per_core(self, key: str, workload: str) -> float | None:
+        """req/s per core of the server's own CPU: what one worker with a core could do."""
+        return self.median(
+            key,
+            workload,
+            lambda r: r["rps"] / r["cpu_cores"]["server"] if r["cpu_cores"]["server"] else None,
+        )
+
     def paired(self, key: str, other: str, workload: str) -> float | None:
         """Median over rounds of key's req/s divided by other's, measured in the same round."""
         mine = {r["round"]: r["rps"] for r in self.runs(key, workload)}
@@ -813,13 +821,16 @@ def rtt_lines(summary: Summary, rtt: float) -> list[str]:
         "to the first byte of its answer: PgBouncer, PostgreSQL and loopback). The server's "
         "turn is what the bound leaves out: per round trip, the time from an answer written to "
         "the server to the next request on that connection (the server reading the answer, "
-        "handing the connection to the next request, which sends its statement).",
+        "handing the connection to the next request, which sends its statement). One core's "
+        "worth is the other limit: the same server's req/s per core of its own CPU through "
+        "PgBouncer on loopback, what one worker could do with a core to itself.",
         "",
-        "| workload | server | req/s | Little's-law bound | ÷ bound | ÷ baseline | round trips "
+        "| workload | server | req/s | Little's-law bound | ÷ bound | one core's worth "
+        "| ÷ baseline | round trips "
         "| database ms per request | server's turn ms | p50 ms | p99 ms | errors "
         "| CPU: server / PgBouncer / PostgreSQL (cores) | delaying proxy CPU (cores) "
         "| proxy lateness, mean / max ms |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|---|",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|---|",
     ]
     for workload in WORKLOADS:
         for server in ("service", "unprepared", "baseline"):
@@ -840,7 +851,8 @@ def rtt_lines(summary: Summary, rtt: float) -> list[str]:
             lines.append(
                 f"| {workload} | {SERVERS[server][0]} | {fmt(summary.rps(key, workload))} "
                 f"| {fmt(summary.bound(key, workload))} "
-                f"| {fmt(summary.of_bound(key, workload), 2)} | {of_base} "
+                f"| {fmt(summary.of_bound(key, workload), 2)} "
+                f"| {fmt(summary.per_core(key_of(server, True, 0), workload))} | {of_base} "
                 f"| {fmt(trips, 2) if trips is not None else 'n/a'} "
                 f"| {fmt(delay('database_ms'), 2)} | {fmt(delay('client_ms'), 2)} "
                 f"| {fmt(summary.median(key, workload, lambda r: r['p50_ms']), 1)} "
