@@ -136,10 +136,12 @@ SERVERS = {
 
 
 def plan(bench: ModuleType, rtts_ms: tuple[float, ...]) -> list[Setup]:
-    """Every setup of the section, in the order of the report."""
-    wanted = [("direct", False, 0.0), ("baseline", False, 0.0)]
-    for rtt in (0.0, *rtts_ms):
-        wanted += [("service", True, rtt), ("unprepared", True, rtt), ("baseline", True, rtt)]
+    """Every setup of the section, in the order they run: what is compared runs side by side
+    (the service through PgBouncer between its direct row and the baseline the same way)."""
+    wanted = [("direct", False, 0.0), ("service", True, 0.0), ("baseline", True, 0.0),
+              ("baseline", False, 0.0), ("unprepared", True, 0.0)]  # fmt: skip
+    for rtt in rtts_ms:
+        wanted += [("service", True, rtt), ("baseline", True, rtt), ("unprepared", True, rtt)]
     setups = []
     for server, pooled, rtt in wanted:
         label, kind, pooler = SERVERS[server]
@@ -528,7 +530,7 @@ def run_rounds(
 ) -> list[dict[str, Any]]:  # fmt: skip
     rows: list[dict[str, Any]] = []
     for number in range(1, settings.rounds + 1):
-        shift = (number - 1) * 3 % len(setups)  # a different setup first each round
+        shift = (number - 1) * 4 % len(setups)  # a different setup first each round
         for setup in setups[shift:] + setups[:shift]:
             delay = network.delays.get(setup.rtt_ms)
             with bench.Server(setup.target, network.url(setup), options, "production") as server:
