@@ -15,9 +15,10 @@ forwarding a chunk from the client and the first chunk of the answer (PostgreSQL
 round trip, loopback included), for the Little's-law bound in bench/production.py, and how long
 the client kept the connection to itself between an answer and its next request.
 
-Run by bench/production.py through `DelayProxy`; by hand:
-`python bench/delay.py --one-way-ms 0.5 --upstream unix:/tmp/.s.PGSQL.5432` prints the port it
-listens on, answers `stats` on stdin with one JSON line, and exits when stdin closes.
+Run by bench/production.py through `DelayProxy`; by hand,
+`python bench/delay.py --one-way-ms 0.5 --upstream unix:/var/run/postgresql/.s.PGSQL.5432`
+prints the port it listens on, answers `stats` on stdin with one JSON line, and exits when stdin
+closes.
 """
 
 # The proxy starts itself as a subprocess of the benchmark (S603).

@@ -674,16 +674,16 @@ class Summary:
 
     def of_bound(self, key: str, workload: str) -> float | None:
         """Median over rounds of req/s divided by that round's bound."""
+        return self.median(key, workload, self.round_bound)
 
-        def per_round(row: dict[str, Any]) -> float | None:
-            delay, trips = row["delay"], self.round_trips(key, workload)
-            if delay is None or trips is None:
-                return None
-            delivered_ms = self.setups[key]["rtt_ms"] + 2 * delay["late_ms"]
-            bound = self.pool / ((trips * delivered_ms + delay["database_ms"]) / 1000)
-            return float(row["rps"] / bound)
-
-        return self.median(key, workload, per_round)
+    def round_bound(self, row: dict[str, Any]) -> float | None:
+        """One round's req/s divided by its own bound."""
+        delay, trips = row["delay"], self.round_trips(row["setup"], row["workload"])
+        if delay is None or trips is None:
+            return None
+        delivered_ms = self.setups[row["setup"]]["rtt_ms"] + 2 * delay["late_ms"]
+        bound = self.pool / ((trips * delivered_ms + delay["database_ms"]) / 1000)
+        return float(row["rps"] / bound)
 
 
 def key_of(server: str, pooled: bool, rtt: float) -> str:
@@ -742,7 +742,7 @@ def report(raw: dict[str, Any], only: bool, when: str) -> list[str]:
     lines += ["", *round_trip_lines(raw), ""]
     for rtt in s["rtts_ms"]:
         lines += rtt_lines(summary, rtt)
-    lines += [*target_lines(summary, s["rtts_ms"]), "", SECTION_END]
+    lines += [*target_lines(summary, s["rtts_ms"]), "", *round_lines(summary), "", SECTION_END]
     return lines
 
 
@@ -864,6 +864,30 @@ def rtt_lines(summary: Summary, rtt: float) -> list[str]:
                 f"| {fmt(delay('late_ms'), 3)} / {fmt(late_max, 1)} |"
             )
     return [*lines, ""]
+
+
+def round_lines(summary: Summary) -> list[str]:
+    """Every round of the RTT rows, with the other load on the machine while it ran."""
+    lines = [
+        "Every round at a round-trip time, with the CPU that other work on the machine took "
+        "meanwhile (the turn grows with it):",
+        "",
+        "| round | RTT | workload | server | req/s | ÷ bound | server's turn ms "
+        "| server CPU | other work on the machine (cores) |",
+        "|--:|--:|---|---|--:|--:|--:|--:|--:|",
+    ]
+    for row in sorted(summary.rows, key=lambda r: (r["round"], r["setup"], r["workload"])):
+        setup = summary.setups[row["setup"]]
+        if not setup["rtt_ms"] or row["delay"] is None:
+            continue
+        ratio = summary.round_bound(row)
+        lines.append(
+            f"| {row['round']} | {setup['rtt_ms']:g} ms | {row['workload']} "
+            f"| {SERVERS[setup['server']][0]} | {fmt(row['rps'])} | {fmt(ratio, 2)} "
+            f"| {fmt(row['delay']['client_ms'], 2)} | {fmt(row['cpu_cores']['server'], 2)} "
+            f"| {fmt(row['cpu_cores']['other'], 2)} |"
+        )
+    return lines
 
 
 def target_lines(summary: Summary, rtts_ms: list[float]) -> list[str]:
