@@ -68,8 +68,10 @@ rehearse: $(STAMP)
 	$(BIN)/python -m tests.rehearse.run
 
 # The service (1 and 2 workers) against a bare ASGI + asyncpg baseline under wrk, interleaved
-# rounds on one embedded PostgreSQL, then overload rounds and profiles; about 13 minutes; writes
-# bench/RESULTS.md.
+# rounds on one embedded PostgreSQL, then overload rounds, the production path (PgBouncer 1.24.1
+# in both pooler modes, database round trips of 1 and 4 ms; tests/build-pgbouncer.sh builds it
+# once) and profiles; about 24 minutes; writes bench/RESULTS.md. Only the production path:
+# .venv/bin/python bench/run.py --only-production (about 11 minutes).
 bench: $(STAMP) .venv-bench/.installed
 	$(BIN)/python bench/run.py
 

@@ -12,9 +12,11 @@ One run does, in this order, everything on 127.0.0.1 and everything bounded in t
    every round), each server freshly started, each workload warmed up and then measured with
    `wrk -t1 -c64 --latency` (bench/read.lua, bench/batch.lua), sampling the CPU time of wrk,
    the server's process tree and PostgreSQL's process tree, and of the whole machine;
-4. profiles the service (read and batch load) and the baseline (read load) with py-spy, if it is
+4. measures the production path (bench/production.py: PgBouncer 1.24.1 in both DB_POOLER modes,
+   database round trips of 1 and 4 ms from bench/delay.py), in rounds of its own;
+5. profiles the service (read and batch load) and the baseline (read load) with py-spy, if it is
    installed, and sorts the samples into components;
-5. prints the medians and writes bench/RESULTS.md, keeping the hand-written analysis below the
+6. prints the medians and writes bench/RESULTS.md, keeping the hand-written analysis below the
    marker line.
 
 Run with the service's virtual environment: `.venv/bin/python bench/run.py --help`.
@@ -54,6 +56,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 import asyncpg
+import production
 from pgwire import WireCounter
 from profile_summary import summarise_profile
 
@@ -72,7 +75,7 @@ TOKEN = "bench-token-not-a-secret-0123456789"
 # calling shell has exported, except what the benchmark sets.
 SERVICE_KEYS = (
     "DATABASE_URL", "DB_HOST", "DB_NAME", "DB_USERNAME", "DB_PASSWORD", "DB_PORT", "DB_SSLMODE",
-    "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_POOL_RECYCLE",
+    "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT", "DB_POOL_RECYCLE", "DB_POOLER",
     "DB_STATEMENT_TIMEOUT_MS", "DB_PGBOUNCER", "API_TOKENS", "AUTH_DISABLED", "MAX_BATCH",
     "MAX_BODY_BYTES", "HOST", "PORT", "SHUTDOWN_DELAY_SECONDS", "WORKERS", "LOG_LEVEL",
     "LOG_FORMAT", "EMBEDDED_DB_DIR", "DATABASE_READ_URL", "DB_READ_HOST", "DB_READ_POOL_SIZE",
@@ -152,6 +155,7 @@ class Options:
     replica_url: str | None = None  # set once the replica is up, for SERVICE_REPLICA
     # The embedded replica, started only for SERVICE_REPLICA's servers (None: an external one).
     replica: BenchReplica | None = None
+    production: production.Settings | None = None  # bench/production.py's section
 
 
 # --------------------------------------------------------------------------------------------
@@ -1077,6 +1081,7 @@ def write_results(
     profiles: dict[str, dict[str, Any]],
     started: datetime.datetime,
     elapsed: float,
+    production_lines: list[str] | None = None,
 ) -> str:
     summary = summarise(rounds, options.targets)
     others = [r["cpu_cores"]["other"] for r in rounds] or [float("nan")]
@@ -1171,6 +1176,8 @@ def write_results(
         "",
         *keyed_table(keyed),
         "",
+        *(production_lines or []),
+        "",
         "## Profiles (py-spy)",
         "",
         *profile_section(profiles),
@@ -1244,6 +1251,7 @@ def parse_options() -> Options:
         "that service with 1 worker, to every round; repeatable. For trying a change first.",
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="the Markdown report")
+    production.add_arguments(parser)
     args = parser.parse_args()
     known = {t.key: t for t in (SERVICE_1, SERVICE_2, BASELINE, SERVICE_REPLICA)}
     try:
@@ -1270,6 +1278,7 @@ def parse_options() -> Options:
         keyed_rounds=args.keyed_rounds,
         overload_connections=args.overload_connections,
         database_url=env("BENCH_DATABASE_URL") or None,
+        production=production.settings_from(args),
     )
 
 
@@ -1283,6 +1292,8 @@ def main() -> int:
     where = f"embedded in {EMBEDDED_DIR}" if database.embedded else "BENCH_DATABASE_URL"
     print(f"PostgreSQL: {where}", flush=True)
     prepare_database(database)
+    if options.production and options.production.only:
+        return production.main_only(sys.modules[__name__], options, database)
     with contextlib.ExitStack() as cleanup:
         if any(t.reads_from_replica for t in options.targets):
             options.replica_url, options.replica = start_replica(database, cleanup)
@@ -1422,6 +1433,10 @@ def run_everything(
 
     keyed = measure_idempotency_keys(options, database) if SERVICE_1 in options.targets else []
 
+    produced = None
+    if options.production and options.production.rounds:
+        produced = production.run(sys.modules[__name__], options, database)
+
     profiles: dict[str, dict[str, Any]] = {}
     py_spy = find_py_spy() if options.profile else None
     if py_spy:
@@ -1440,6 +1455,7 @@ def run_everything(
         "keyed": keyed,
         "round_trips": counted,
         "profiles": profiles,
+        "production": produced,
     }
     (WORK / "last-run.json").write_text(json.dumps(raw, indent=1, default=str))
     table = write_results(
@@ -1452,6 +1468,9 @@ def run_everything(
         profiles,
         started,
         time.monotonic() - clock,
+        production_lines=production.report(produced, False, f"{started:%Y-%m-%d %H:%M} UTC")
+        if produced
+        else None,
     )
     print()
     print(table)
