@@ -10,7 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from litestar import Litestar
 from litestar.datastructures import State
@@ -18,6 +18,7 @@ from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.auth import token_digests
 from service.config import (
@@ -50,6 +51,10 @@ from service.middleware import ObserveRequests
 from service.replica import Replica
 from service.routes import create_items, delete_item, get_item, list_items, update_values
 from service.shutdown import drain_on_sigterm
+from service.timing import time_statements
+
+if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when tracing is on
+    from service.tracing import Tracing
 
 log = logging.getLogger("service.app")
 
@@ -147,6 +152,28 @@ async def settle_pooler_mode(settings: Settings) -> Settings:
     return settings
 
 
+def start_tracing_if_configured(settings: Settings) -> Tracing | None:
+    """The app's tracing when the environment configures it (`Settings.tracing`), else None;
+    only then is the OpenTelemetry SDK imported."""
+    if not settings.tracing:
+        return None
+    from service.tracing import start_tracing
+
+    return start_tracing()
+
+
+def observe_statements(
+    engines: list[AsyncEngine], tracing: Tracing | None, server_timing: bool
+) -> None:
+    """Hook the request engines' statements into tracing and Server-Timing, as configured (the
+    probes' engines stay out of both)."""
+    for engine in engines:
+        if tracing is not None:
+            tracing.instrument(engine)
+        if server_timing:
+            time_statements(engine)
+
+
 def create_app(settings: Settings | None = None, *, freeze_after_start: bool = False) -> Litestar:
     """Build the app; with no settings, read them from the environment and `.env`."""
     settings = settings if settings is not None else load_settings()
@@ -161,6 +188,7 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
     )
     metrics = Metrics(state)
     state.metrics = metrics
+    tracing = start_tracing_if_configured(settings)
 
     @asynccontextmanager
     async def engine_lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -168,6 +196,10 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
         sessions = session_pool(settings, metrics)
         engine = sessions.engine
         app.state.replica = await start_replica(settings, metrics)
+        replica_engines = [app.state.replica.sessions.engine] if app.state.replica else []
+        observe_statements([engine, *replica_engines], tracing, settings.server_timing)
+        if tracing is not None:
+            log.info("tracing: %s", tracing.describe())
         app.state.engine = engine
         app.state.sessions = sessions
         app.state.readiness = Readiness(create_probe_engine(settings))
@@ -210,6 +242,8 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
             await sessions.close()
             await engine.dispose()
             await app.state.readiness.close()
+            if tracing is not None:
+                await tracing.close()
 
     return ServiceApp(
         route_handlers=[
@@ -230,6 +264,8 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
             metrics=metrics,
             access_log=AccessLog(settings.access_log, settings.log_format, settings.log_level),
             max_in_flight=settings.in_flight_limit,
+            tracing=tracing,
+            server_timing=settings.server_timing,
         ),
         exception_handlers={
             HTTPException: handle_http_exception,
