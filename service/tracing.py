@@ -56,10 +56,14 @@ class Tracing:
         # The headers the propagators read (traceparent, tracestate, baggage), as ASGI has them.
         self.fields = frozenset(name.encode("latin-1") for name in self.propagator.fields)
 
-    def start_request(self, scope: Any) -> tuple[Span, object]:
-        """The request's server span, made current (the statements' parent); the caller's
-        trace context, when it sends one, is its parent. Returns the span and the token that
-        `end_request` restores the previous context with."""
+    def start_request(self, scope: Any) -> tuple[Span, object | None, bool]:
+        """The request's server span, under the caller's trace context when it sends one.
+
+        A sampled span is made current, the parent of the request's statements. One that is
+        not sampled is not: nothing below it records anything, so it is not worth the context
+        switch. Returns the span, the token that `end_request` restores the context with (if
+        it was switched), and whether the trace came from the caller.
+        """
         carrier: dict[str, str] | None = None
         for name, value in scope.get("headers", ()):
             if name in self.fields:
@@ -68,28 +72,41 @@ class Tracing:
                 carrier[name.decode("latin-1")] = value.decode("latin-1")
         parent = self.propagator.extract(carrier) if carrier is not None else ROOT
         span = self.tracer.start_span(scope["method"], parent, kind=SpanKind.SERVER)
-        return span, context.attach(trace.set_span_in_context(span, parent))
+        if not span.is_recording():
+            return span, None, carrier is not None
+        return span, context.attach(trace.set_span_in_context(span, parent)), carrier is not None
 
     def end_request(
-        self, span: Span, token: object, method: str, route: str, status: int, request_id: str
+        self,
+        span: Span,
+        token: object | None,
+        from_caller: bool,
+        method: str,
+        route: str,
+        status: int,
+        request_id: str,
     ) -> tuple[str, bool]:
-        """End the request's span with what became known while it ran; returns its trace id
-        (32 hex digits) and whether the trace is sampled, for the access line."""
+        """End the request's span with what became known while it ran. Returns, for the access
+        line, the trace id (32 hex digits) and whether the trace is sampled; no id ("") for a
+        trace of our own that is not sampled, which nobody could look up."""
+        if not span.is_recording():
+            if not from_caller:
+                return "", False
+            return format(span.get_span_context().trace_id, "032x"), False
         context.detach(token)  # type: ignore[arg-type]
-        span_context = span.get_span_context()
-        if span.is_recording():
-            span.update_name(f"{method} {route}")
-            span.set_attributes(
-                {
-                    "http.request.method": method,
-                    "http.route": route,
-                    "http.response.status_code": status,
-                    "request.id": request_id,
-                }
-            )
-            if status >= 500:
-                span.set_status(StatusCode.ERROR)
+        span.update_name(f"{method} {route}")
+        span.set_attributes(
+            {
+                "http.request.method": method,
+                "http.route": route,
+                "http.response.status_code": status,
+                "request.id": request_id,
+            }
+        )
+        if status >= 500:
+            span.set_status(StatusCode.ERROR)
         span.end()
+        span_context = span.get_span_context()
         return format(span_context.trace_id, "032x"), span_context.trace_flags.sampled
 
     def instrument(self, engine: AsyncEngine) -> None:

@@ -159,25 +159,38 @@ def test_the_served_process_traces_as_the_environment_says_and_logs_the_trace_id
         database_url,
         OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
         OTEL_BSP_SCHEDULE_DELAY="50",
+        # Keep only the traces callers sample.
+        OTEL_TRACES_SAMPLER="parentbased_always_off",
     )
+    unsampled_trace = "1" * 32
     with run_service(env, tmp_path) as service, httpx.Client(base_url=service.base_url) as http:
         headers = {**traceparent(), "X-Request-ID": "req-caller"}
         assert http.get("/items/6", headers=headers).status_code == 200
+        unsampled = {"traceparent": f"00-{unsampled_trace}-{CALLER_SPAN}-00"}
+        assert http.get("/items/6", headers={**unsampled, "X-Request-ID": "req-unsampled"})
         assert http.get("/items/6", headers={"X-Request-ID": "req-own"}).status_code == 200
-        spans = receiver.wait_for(lambda spans: len(spans) >= 4)
         service.process.send_signal(signal.SIGTERM)
-        assert service.process.wait(timeout=30) == 0
-    caller, own = server_span(spans, "req-caller"), server_span(spans, "req-own")
-    assert caller.trace_id == CALLER_TRACE and own.trace_id != CALLER_TRACE
+        assert service.process.wait(timeout=30) == 0  # the exporter is flushed before exit
+    spans = receiver.wait_for(lambda spans: len(spans) >= 2)
+    assert {span.trace_id for span in spans} == {CALLER_TRACE} and len(spans) == 2
+    caller = server_span(spans, "req-caller")
+    assert caller.parent_span_id == CALLER_SPAN
     assert caller.resource["service.name"] == "playing-with-neon-service"
     lines = {
         line["request_id"]: line
         for line in map(json.loads, filter(None, service.log().splitlines()))
         if line.get("logger") == "service.access" and line["request_id"].startswith("req-")
     }
-    assert lines["req-caller"]["trace_id"] == CALLER_TRACE
-    assert lines["req-own"]["trace_id"] == own.trace_id
-    assert lines["req-own"]["trace_sampled"] is True
+    assert (lines["req-caller"]["trace_id"], lines["req-caller"]["trace_sampled"]) == (
+        CALLER_TRACE,
+        True,
+    )
+    # A caller's trace is named even when not sampled: the caller's own logs share the id.
+    assert (lines["req-unsampled"]["trace_id"], lines["req-unsampled"]["trace_sampled"]) == (
+        unsampled_trace,
+        False,
+    )
+    assert "trace_id" not in lines["req-own"]  # a trace nobody kept or was told of
     assert f"tracing: spans to {receiver.endpoint}/v1/traces" in service.log()
 
 
