@@ -17,11 +17,19 @@ import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import queries
 from service.app import create_app
 from service.config import Settings
-from tests.conftest import AUTH, PROJECT_ROOT, run_service, service_environment
+from tests.conftest import (
+    AUTH,
+    PROJECT_ROOT,
+    concurrent_client,
+    row_locked,
+    run_service,
+    service_environment,
+)
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 SERVER, CLIENT = 2, 3  # span kinds in OTLP
@@ -149,6 +157,24 @@ async def test_the_callers_sampling_decision_is_followed(
     assert {s.trace_id for s in spans} == {CALLER_TRACE}
     assert server_span(spans, "req-yes").parent_span_id == CALLER_SPAN
     assert len(spans) == 2  # flushed at shutdown: the other two requests sent nothing
+
+
+async def test_a_statement_cut_by_its_timeout_is_an_error_span_under_a_5xx_request(
+    traced_settings: Settings, notebook_rows: None, receiver: OtlpReceiver, engine: AsyncEngine
+) -> None:
+    settings = dataclasses.replace(traced_settings, db_statement_timeout_ms=300)
+    async with concurrent_client(settings) as http:
+        async with row_locked(engine, 5):  # the UPDATE waits for the lock past its timeout
+            headers = {**AUTH, "X-Request-ID": "req-cut"}
+            response = await http.patch("/items", json=[{"id": 5, "value": 7}], headers=headers)
+        assert response.status_code == 503
+    spans = receiver.wait_for(lambda spans: len(spans) >= 2)
+    request = server_span(spans, "req-cut")
+    assert request.status_code == ERROR
+    assert request.attributes["http.response.status_code"] == 503
+    (statement,) = children(spans, request)
+    assert statement.name == "UPDATE_ITEM_VALUES" and statement.status_code == ERROR
+    assert 0.3 <= (statement.end_ns - statement.start_ns) / 1e9 < 1.0
 
 
 @pytest.mark.slow
