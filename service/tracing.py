@@ -29,7 +29,9 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace import Span, SpanKind, StatusCode
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.trace import INVALID_TRACE_ID, Span, SpanKind, StatusCode
 from sqlalchemy import Executable, event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -46,23 +48,42 @@ STATEMENT_NAMES = {
 }
 
 
+class PresetTraceIds(RandomIdGenerator):
+    """The SDK's random ids, except that the next trace id can be drawn beforehand."""
+
+    def __init__(self) -> None:
+        self.preset = INVALID_TRACE_ID
+
+    def generate_trace_id(self) -> int:
+        trace_id, self.preset = self.preset, INVALID_TRACE_ID
+        return trace_id or super().generate_trace_id()
+
+
+# The type of `Tracing.start_request`'s answer: the span, the context token, whether the trace
+# is the caller's; None for a request that is not traced at all.
+TracedRequest = tuple[Span, object | None, bool] | None
+
+
 class Tracing:
     """The tracer of one app, and what it does at each request and each statement."""
 
-    def __init__(self, provider: TracerProvider) -> None:
+    def __init__(self, provider: TracerProvider, ids: PresetTraceIds) -> None:
         self.provider = provider
+        self.ids = ids  # the provider's id generator
+        self.sampler = provider.sampler
         self.tracer = provider.get_tracer("service", __version__)
         self.propagator = propagate.get_global_textmap()
         # The headers the propagators read (traceparent, tracestate, baggage), as ASGI has them.
         self.fields = frozenset(name.encode("latin-1") for name in self.propagator.fields)
 
-    def start_request(self, scope: Any) -> tuple[Span, object | None, bool]:
+    def start_request(self, scope: Any) -> TracedRequest:
         """The request's server span, under the caller's trace context when it sends one.
 
-        A sampled span is made current, the parent of the request's statements. One that is
-        not sampled is not: nothing below it records anything, so it is not worth the context
-        switch. Returns the span, the token that `end_request` restores the context with (if
-        it was switched), and whether the trace came from the caller.
+        A trace of our own is first put to the sampler, and one it drops gets no span at all:
+        1 µs per request instead of the SDK's 3 µs for a span that records nothing. One it
+        keeps is started with the very trace id it was judged on, so the sampler's answer
+        inside the SDK is the same (every sampler the SDK ships decides by the trace id and the
+        parent alone). A sampled span is made current, the parent of the request's statements.
         """
         carrier: dict[str, str] | None = None
         for name, value in scope.get("headers", ()):
@@ -70,9 +91,18 @@ class Tracing:
                 if carrier is None:
                     carrier = {}
                 carrier[name.decode("latin-1")] = value.decode("latin-1")
-        parent = self.propagator.extract(carrier) if carrier is not None else ROOT
-        span = self.tracer.start_span(scope["method"], parent, kind=SpanKind.SERVER)
-        if not span.is_recording():
+        method: str = scope["method"]
+        if carrier is None:
+            trace_id = self.ids.generate_trace_id()
+            judged = self.sampler.should_sample(ROOT, trace_id, method, SpanKind.SERVER)
+            if judged.decision is not Decision.RECORD_AND_SAMPLE:
+                return None
+            self.ids.preset = trace_id
+            parent = ROOT
+        else:
+            parent = self.propagator.extract(carrier)
+        span = self.tracer.start_span(method, parent, kind=SpanKind.SERVER)
+        if not span.is_recording():  # the caller's trace, which the caller did not sample
             return span, None, carrier is not None
         return span, context.attach(trace.set_span_in_context(span, parent)), carrier is not None
 
@@ -87,8 +117,8 @@ class Tracing:
         request_id: str,
     ) -> tuple[str, bool]:
         """End the request's span with what became known while it ran. Returns, for the access
-        line, the trace id (32 hex digits) and whether the trace is sampled; no id ("") for a
-        trace of our own that is not sampled, which nobody could look up."""
+        line, the trace id (32 hex digits) and whether the trace is sampled (a trace of our own
+        that is not sampled has no span: nobody could look it up)."""
         if not span.is_recording():
             if not from_caller:
                 return "", False
@@ -125,15 +155,16 @@ class Tracing:
 
         def before(
             conn: Any, cursor: Any, statement: str, params: Any, execution: Any, many: bool
-        ) -> None:
+        ) -> tuple[str, Any]:
             if not trace.get_current_span().is_recording():
-                return
+                return statement, params
             name = (
                 STATEMENT_NAMES.get(id(execution.invoked_statement)) or statement.split(" ", 1)[0]
             )
             execution.trace_span = tracer.start_span(
                 name, kind=SpanKind.CLIENT, attributes={**attributes, "db.query.text": statement}
             )
+            return statement, params
 
         def after(
             conn: Any, cursor: Any, statement: str, params: Any, execution: Any, many: bool
@@ -150,7 +181,8 @@ class Tracing:
                 span.set_status(StatusCode.ERROR, type(error.original_exception).__name__)
                 span.end()
 
-        event.listen(engine.sync_engine, "before_cursor_execute", before)
+        # retval: the hook hands the statement on itself, without SQLAlchemy's wrapper call.
+        event.listen(engine.sync_engine, "before_cursor_execute", before, retval=True)
         event.listen(engine.sync_engine, "after_cursor_execute", after)
         event.listen(engine.sync_engine, "handle_error", failed)
 
@@ -177,6 +209,7 @@ def start_tracing() -> Tracing:
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
     if SERVICE_VERSION not in resource.attributes:
         resource = resource.merge(Resource({SERVICE_VERSION: __version__}))
-    provider = TracerProvider(resource=resource)
+    ids = PresetTraceIds()
+    provider = TracerProvider(resource=resource, id_generator=ids)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    return Tracing(provider)
+    return Tracing(provider, ids)

@@ -159,6 +159,30 @@ async def test_the_callers_sampling_decision_is_followed(
     assert len(spans) == 2  # flushed at shutdown: the other two requests sent nothing
 
 
+async def test_the_configured_share_of_the_services_own_traces_is_kept(
+    traced_settings: Settings,
+    notebook_rows: None,
+    receiver: OtlpReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The sampler judges a new trace before any span is made (service.tracing): a kept one
+    # must be kept by the SDK too, with its statement, so that the share kept is the ratio.
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.5")
+    requests = 400
+    async with AsyncTestClient(app=create_app(traced_settings)) as client:
+        for number in range(requests):
+            await client.get("/items/5", headers={"X-Request-ID": f"req-{number}"})
+    spans = receiver.wait_for(lambda spans: bool(spans))
+    kept = [s for s in spans if s.kind == SERVER]
+    # Binomial(400, 0.5): 200 +- 10; asking twice would keep a quarter, never asking all.
+    assert 140 <= len(kept) <= 260
+    for request in kept:
+        (statement,) = children(spans, request)
+        assert statement.name == "SELECT_ITEM"
+    assert len(spans) == 2 * len(kept)
+
+
 async def test_a_statement_cut_by_its_timeout_is_an_error_span_under_a_5xx_request(
     traced_settings: Settings, notebook_rows: None, receiver: OtlpReceiver, engine: AsyncEngine
 ) -> None:
