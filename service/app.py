@@ -18,7 +18,6 @@ from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.auth import token_digests
 from service.config import (
@@ -30,6 +29,7 @@ from service.config import (
 )
 from service.db import (
     DatabaseUnavailable,
+    LeasedSession,
     SessionPool,
     create_engine,
     create_probe_engine,
@@ -83,7 +83,9 @@ def create_served_app() -> Litestar:
     return create_app(freeze_after_start=True)
 
 
-def session_pool(settings: Settings, metrics: Metrics) -> SessionPool:
+def session_pool(
+    settings: Settings, metrics: Metrics, session_class: type[LeasedSession] = LeasedSession
+) -> SessionPool:
     """Long-lived sessions on a new engine for `settings`' database (the primary's or the
     replica's), with the configured pool size, waits, recycling and deadline.
 
@@ -101,10 +103,13 @@ def session_pool(settings: Settings, metrics: Metrics) -> SessionPool:
         deadline_seconds=lease_deadline_seconds(settings),
         transactional=settings.prepares_per_transaction,
         observe_wait=metrics.pool_wait.observe,
+        session_class=session_class,
     )
 
 
-async def start_replica(settings: Settings, metrics: Metrics) -> Replica | None:
+async def start_replica(
+    settings: Settings, metrics: Metrics, session_class: type[LeasedSession] = LeasedSession
+) -> Replica | None:
     """The read replica's pool and health check, or None when DATABASE_READ_URL is unset.
 
     Its first check runs before the app serves, so reads go to a healthy replica from the start.
@@ -112,7 +117,7 @@ async def start_replica(settings: Settings, metrics: Metrics) -> Replica | None:
     replica_settings = read_replica_settings(settings)
     if replica_settings is None:
         return None
-    sessions = session_pool(replica_settings, metrics)
+    sessions = session_pool(replica_settings, metrics, session_class)
     engine = sessions.engine
     replica = Replica(
         sessions,
@@ -162,18 +167,6 @@ def start_tracing_if_configured(settings: Settings) -> Tracing | None:
     return start_tracing()
 
 
-def observe_statements(
-    engines: list[AsyncEngine], tracing: Tracing | None, server_timing: bool
-) -> None:
-    """Hook the request engines' statements into tracing and Server-Timing, as configured (the
-    probes' engines stay out of both)."""
-    for engine in engines:
-        if tracing is not None:
-            tracing.instrument(engine)
-        if server_timing:
-            time_statements(engine)
-
-
 def create_app(settings: Settings | None = None, *, freeze_after_start: bool = False) -> Litestar:
     """Build the app; with no settings, read them from the environment and `.env`."""
     settings = settings if settings is not None else load_settings()
@@ -193,11 +186,16 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
     @asynccontextmanager
     async def engine_lifespan(app: Litestar) -> AsyncIterator[None]:
         settings = app.state.settings = await settle_pooler_mode(app.state.settings)
-        sessions = session_pool(settings, metrics)
+        # With tracing, the request sessions make the statements' spans (the probes' and the
+        # migrations' engines stay out of it).
+        session_class = tracing.session_class if tracing is not None else LeasedSession
+        sessions = session_pool(settings, metrics, session_class)
         engine = sessions.engine
-        app.state.replica = await start_replica(settings, metrics)
-        replica_engines = [app.state.replica.sessions.engine] if app.state.replica else []
-        observe_statements([engine, *replica_engines], tracing, settings.server_timing)
+        app.state.replica = await start_replica(settings, metrics, session_class)
+        if settings.server_timing:
+            time_statements(engine)
+            if app.state.replica is not None:
+                time_statements(app.state.replica.sessions.engine)
         if tracing is not None:
             log.info("tracing: %s", tracing.describe())
         app.state.engine = engine

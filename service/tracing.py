@@ -10,18 +10,21 @@ endpoint, headers, timeout, compression), the batch processor (OTEL_BSP_*) and t
 
 Spans are made here, not by the ASGI and SQLAlchemy instrumentations: `ObserveRequests`
 already knows each request's route, status and id, and the ASGI instrumentation adds two spans
-per request for its send and receive events; the SQLAlchemy instrumentation starts a span (and
-reads the engine's URL again) for every statement, sampled or not, at about 10 µs each, where
-this module checks that the request is sampled first (0.2 µs), and it opens root spans for the
-probes' and background tasks' statements. The provider is the app's own, not the process-wide
-global one, so each app (and each test) has its own exporter and shuts it down with its lifespan.
+per request for its send and receive events. The SQLAlchemy instrumentation listens to the
+engine's statement events, and any such listener moves every statement, sampled or not, onto
+SQLAlchemy's event path (the service's engines have no listener otherwise): with it, a read not
+sampled cost 60 more Python calls than without, and the instrumentation starts a span for
+each statement besides, and root spans for the probes' and the background tasks' statements.
+Here the request's session (`TracedSession`) makes the statement's span, and only inside a
+sampled request. The provider is the app's own, not the process-wide global one, so each app
+(and each test) has its own exporter and shuts it down with its lifespan.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.context import Context
@@ -32,11 +35,11 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import INVALID_TRACE_ID, Span, SpanKind, StatusCode
-from sqlalchemy import Executable, event
-from sqlalchemy.engine import ExceptionContext
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Executable, Result
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service import __version__, queries
+from service.db import LeasedSession
 
 DEFAULT_SERVICE_NAME = "playing-with-neon-service"
 # A request without a caller's trace context starts a trace of its own, whatever context the
@@ -59,6 +62,53 @@ class PresetTraceIds(RandomIdGenerator):
         return trace_id or super().generate_trace_id()
 
 
+class TracedSession(LeasedSession):
+    """A leased session whose statements inside a sampled request are spans of their own,
+    children of the request's: named by their constant in service.queries, with their SQL
+    (placeholders, never the values). Outside one (not sampled, or no request at all: the
+    background tasks) a statement costs one look at the current span."""
+
+    tracer: trace.Tracer  # the app's: `Tracing` makes a subclass of its own that sets it
+
+    async def execute(self, statement: Executable, *args: Any, **kwargs: Any) -> Result[Any]:
+        if not trace.get_current_span().is_recording():
+            return await super().execute(statement, *args, **kwargs)
+        span = self.tracer.start_span(
+            STATEMENT_NAMES.get(id(statement), "statement"),
+            kind=SpanKind.CLIENT,
+            attributes=self._attributes(statement),
+        )
+        try:
+            return await super().execute(statement, *args, **kwargs)
+        except BaseException as error:
+            # The error's type only: a database's message may quote the row's values.
+            span.set_attribute("error.type", type(error).__qualname__)
+            span.set_status(StatusCode.ERROR, type(error).__qualname__)
+            raise
+        finally:
+            span.end()
+
+    def _attributes(self, statement: Executable) -> dict[str, Any]:
+        connection = cast(AsyncConnection, self.bind)  # a leased session's own connection
+        url = connection.engine.url
+        sql = STATEMENT_SQL.get(id(statement))
+        if sql is None:
+            sql = str(statement.compile(dialect=connection.dialect))  # type: ignore[attr-defined]
+            if id(statement) in STATEMENT_NAMES:  # a constant: lives as long as the process
+                STATEMENT_SQL[id(statement)] = sql
+        attributes: dict[str, Any] = {"db.system.name": "postgresql", "db.query.text": sql}
+        if url.database:
+            attributes["db.namespace"] = url.database
+        if url.host:
+            attributes["server.address"] = url.host
+        if url.port:
+            attributes["server.port"] = url.port
+        return attributes
+
+
+# The SQL of each statement of service.queries as sent, compiled on first use.
+STATEMENT_SQL: dict[int, str] = {}
+
 # The type of `Tracing.start_request`'s answer: the span, the context token, whether the trace
 # is the caller's; None for a request that is not traced at all.
 TracedRequest = tuple[Span, object | None, bool] | None
@@ -72,6 +122,8 @@ class Tracing:
         self.ids = ids  # the provider's id generator
         self.sampler = provider.sampler
         self.tracer = provider.get_tracer("service", __version__)
+        # The request sessions of this app's pools: statements as spans, with this tracer.
+        self.session_class = type("TracedSession", (TracedSession,), {"tracer": self.tracer})
         self.propagator = propagate.get_global_textmap()
         # The headers the propagators read (traceparent, tracestate, baggage), as ASGI has them.
         self.fields = frozenset(name.encode("latin-1") for name in self.propagator.fields)
@@ -138,53 +190,6 @@ class Tracing:
         span.end()
         span_context = span.get_span_context()
         return format(span_context.trace_id, "032x"), span_context.trace_flags.sampled
-
-    def instrument(self, engine: AsyncEngine) -> None:
-        """Give every statement `engine` runs inside a sampled request a child span with its
-        SQL (placeholders, never the values); outside one (not sampled, or no request at all:
-        the probes, the background tasks) a statement costs one look at the current span."""
-        tracer = self.tracer
-        url = engine.url
-        attributes: dict[str, Any] = {"db.system.name": "postgresql"}
-        if url.database:
-            attributes["db.namespace"] = url.database
-        if url.host:
-            attributes["server.address"] = url.host
-        if url.port:
-            attributes["server.port"] = url.port
-
-        def before(
-            conn: Any, cursor: Any, statement: str, params: Any, execution: Any, many: bool
-        ) -> tuple[str, Any]:
-            if not trace.get_current_span().is_recording():
-                return statement, params
-            name = (
-                STATEMENT_NAMES.get(id(execution.invoked_statement)) or statement.split(" ", 1)[0]
-            )
-            execution.trace_span = tracer.start_span(
-                name, kind=SpanKind.CLIENT, attributes={**attributes, "db.query.text": statement}
-            )
-            return statement, params
-
-        def after(
-            conn: Any, cursor: Any, statement: str, params: Any, execution: Any, many: bool
-        ) -> None:
-            span = execution.__dict__.pop("trace_span", None)
-            if span is not None:
-                span.end()
-
-        def failed(error: ExceptionContext) -> None:
-            execution = error.execution_context
-            span = execution.__dict__.pop("trace_span", None) if execution is not None else None
-            if span is not None:
-                span.record_exception(error.original_exception)
-                span.set_status(StatusCode.ERROR, type(error.original_exception).__name__)
-                span.end()
-
-        # retval: the hook hands the statement on itself, without SQLAlchemy's wrapper call.
-        event.listen(engine.sync_engine, "before_cursor_execute", before, retval=True)
-        event.listen(engine.sync_engine, "after_cursor_execute", after)
-        event.listen(engine.sync_engine, "handle_error", failed)
 
     def describe(self) -> str:
         """Where spans go and how they are sampled, for the start-up log line."""
