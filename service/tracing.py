@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from contextvars import ContextVar, Token
 from typing import Any, cast
 
 from opentelemetry import context, propagate, trace
@@ -66,12 +67,12 @@ class TracedSession(LeasedSession):
     """A leased session whose statements inside a sampled request are spans of their own,
     children of the request's: named by their constant in service.queries, with their SQL
     (placeholders, never the values). Outside one (not sampled, or no request at all: the
-    background tasks) a statement costs one look at the current span."""
+    background tasks) a statement costs one look at a context variable."""
 
     tracer: trace.Tracer  # the app's: `Tracing` makes a subclass of its own that sets it
 
     async def execute(self, statement: Executable, *args: Any, **kwargs: Any) -> Result[Any]:
-        if not trace.get_current_span().is_recording():
+        if not IN_SAMPLED_REQUEST.get():
             return await super().execute(statement, *args, **kwargs)
         span = self.tracer.start_span(
             STATEMENT_NAMES.get(id(statement), "statement"),
@@ -106,12 +107,17 @@ class TracedSession(LeasedSession):
         return attributes
 
 
+# Whether the request this task serves is sampled (set by `Tracing.start_request`): one
+# context variable, where asking OpenTelemetry's context for the current span is five calls.
+IN_SAMPLED_REQUEST: ContextVar[bool] = ContextVar("in_sampled_request", default=False)
 # The SQL of each statement of service.queries as sent, compiled on first use.
 STATEMENT_SQL: dict[int, str] = {}
 
-# The type of `Tracing.start_request`'s answer: the span, the context token, whether the trace
-# is the caller's; None for a request that is not traced at all.
-TracedRequest = tuple[Span, object | None, bool] | None
+# What a sampled request's span changed in the context, for `Tracing.end_request` to undo.
+Tokens = tuple[Token[Context], Token[bool]]
+# The type of `Tracing.start_request`'s answer: the span and, if it is sampled, its tokens; None
+# for a request that is not traced at all.
+TracedRequest = tuple[Span, Tokens | None] | None
 
 
 class Tracing:
@@ -155,14 +161,17 @@ class Tracing:
             parent = self.propagator.extract(carrier)
         span = self.tracer.start_span(method, parent, kind=SpanKind.SERVER)
         if not span.is_recording():  # the caller's trace, which the caller did not sample
-            return span, None, carrier is not None
-        return span, context.attach(trace.set_span_in_context(span, parent)), carrier is not None
+            return span, None
+        tokens: Tokens = (
+            context.attach(trace.set_span_in_context(span, parent)),
+            IN_SAMPLED_REQUEST.set(True),
+        )
+        return span, tokens
 
     def end_request(
         self,
         span: Span,
-        token: object | None,
-        from_caller: bool,
+        tokens: Tokens | None,
         method: str,
         route: str,
         status: int,
@@ -171,11 +180,10 @@ class Tracing:
         """End the request's span with what became known while it ran. Returns, for the access
         line, the trace id (32 hex digits) and whether the trace is sampled (a trace of our own
         that is not sampled has no span: nobody could look it up)."""
-        if not span.is_recording():
-            if not from_caller:
-                return "", False
+        if tokens is None:  # a caller's trace the caller did not sample: no span to end
             return format(span.get_span_context().trace_id, "032x"), False
-        context.detach(token)  # type: ignore[arg-type]
+        IN_SAMPLED_REQUEST.reset(tokens[1])
+        context.detach(tokens[0])
         span.update_name(f"{method} {route}")
         span.set_attributes(
             {
