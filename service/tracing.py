@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 from contextvars import ContextVar, Token
+from random import getrandbits
 from typing import Any, cast
 
 from opentelemetry import context, propagate, trace
@@ -34,7 +35,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased
 from opentelemetry.trace import INVALID_TRACE_ID, Span, SpanKind, StatusCode
 from sqlalchemy import Executable, Result
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -126,7 +127,12 @@ class Tracing:
     def __init__(self, provider: TracerProvider, ids: PresetTraceIds) -> None:
         self.provider = provider
         self.ids = ids  # the provider's id generator
-        self.sampler = provider.sampler
+        # What decides about a trace of our own: the parent-based samplers hand a request
+        # without a parent to their root sampler, asked here directly (five calls fewer).
+        sampler = provider.sampler
+        self.root_sampler = (
+            getattr(sampler, "_root", sampler) if isinstance(sampler, ParentBased) else sampler
+        )
         self.tracer = provider.get_tracer("service", __version__)
         # The request sessions of this app's pools: statements as spans, with this tracer.
         self.session_class = type("TracedSession", (TracedSession,), {"tracer": self.tracer})
@@ -151,8 +157,9 @@ class Tracing:
                 carrier[name.decode("latin-1")] = value.decode("latin-1")
         method: str = scope["method"]
         if carrier is None:
-            trace_id = self.ids.generate_trace_id()
-            judged = self.sampler.should_sample(ROOT, trace_id, method, SpanKind.SERVER)
+            # As RandomIdGenerator draws them (0 is no trace id: once in 2**128).
+            trace_id = getrandbits(128) or 1
+            judged = self.root_sampler.should_sample(ROOT, trace_id, method, SpanKind.SERVER)
             if judged.decision is not Decision.RECORD_AND_SAMPLE:
                 return None
             self.ids.preset = trace_id
