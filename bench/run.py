@@ -14,9 +14,11 @@ One run does, in this order, everything on 127.0.0.1 and everything bounded in t
    the server's process tree and PostgreSQL's process tree, and of the whole machine;
 4. measures the production path (bench/production.py: PgBouncer 1.24.1 in both DB_POOLER modes,
    database round trips of 1 and 4 ms from bench/delay.py), in rounds of its own;
-5. profiles the service (read and batch load) and the baseline (read load) with py-spy, if it is
+5. measures what tracing costs (bench/tracing.py: off, 1 % and 100 % sampled, exported to a
+   local OTLP receiver; `--only-tracing` runs these rounds alone);
+6. profiles the service (read and batch load) and the baseline (read load) with py-spy, if it is
    installed, and sorts the samples into components;
-6. prints the medians and writes bench/RESULTS.md, keeping the hand-written analysis below the
+7. prints the medians and writes bench/RESULTS.md, keeping the hand-written analysis below the
    marker line.
 
 Run with the service's virtual environment: `.venv/bin/python bench/run.py --help`.
@@ -59,6 +61,7 @@ import asyncpg
 import production
 from pgwire import WireCounter
 from profile_summary import summarise_profile
+from tracing import measure_tracing, tracing_section
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -79,7 +82,7 @@ SERVICE_KEYS = (
     "DB_STATEMENT_TIMEOUT_MS", "DB_PGBOUNCER", "API_TOKENS", "AUTH_DISABLED", "MAX_BATCH",
     "MAX_BODY_BYTES", "HOST", "PORT", "SHUTDOWN_DELAY_SECONDS", "WORKERS", "LOG_LEVEL",
     "LOG_FORMAT", "EMBEDDED_DB_DIR", "DATABASE_READ_URL", "DB_READ_HOST", "DB_READ_POOL_SIZE",
-    "READ_CONSISTENCY_WAIT_MS", "READ_MAX_LAG_MS",
+    "READ_CONSISTENCY_WAIT_MS", "READ_MAX_LAG_MS", "SERVER_TIMING",
 )  # fmt: skip
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 WORKLOADS = ("read", "batch")
@@ -152,6 +155,8 @@ class Options:
     overload_connections: int
     database_url: str | None
     keyed_rounds: int = 0
+    tracing_rounds: int = 0
+    only_tracing: bool = False  # the tracing rounds alone, reported in their own file
     replica_url: str | None = None  # set once the replica is up, for SERVICE_REPLICA
     # The embedded replica, started only for SERVICE_REPLICA's servers (None: an external one).
     replica: BenchReplica | None = None
@@ -240,7 +245,12 @@ class Server:
         self.target = target
         self.port = free_port()
         self.log_path = WORK / f"{target.key}-{tag}.log"
-        env = {k: v for k, v in os.environ.items() if k not in SERVICE_KEYS}
+        # OpenTelemetry's own OTEL_* settings too: only the tracing rows trace.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in SERVICE_KEYS and not k.startswith("OTEL_")
+        }
         env.update(
             DATABASE_URL=database_url,
             API_TOKENS=TOKEN,
@@ -1081,6 +1091,7 @@ def write_results(
     profiles: dict[str, dict[str, Any]],
     started: datetime.datetime,
     elapsed: float,
+    traced: list[dict[str, Any]],
     production_lines: list[str] | None = None,
 ) -> str:
     summary = summarise(rounds, options.targets)
@@ -1178,6 +1189,7 @@ def write_results(
         "",
         *(production_lines or []),
         "",
+        *tracing_section(traced, options.tracing_rounds, options.seconds),
         "## Profiles (py-spy)",
         "",
         *profile_section(profiles),
@@ -1238,6 +1250,17 @@ def parse_options() -> Options:
         help="rounds of the batch load with and without an Idempotency-Key (0: none)",
     )
     parser.add_argument(
+        "--tracing-rounds",
+        type=int,
+        default=int(env("BENCH_TRACING_ROUNDS", "3")),
+        help="rounds of the service with tracing off, 1 %% and 100 %% sampled (0: none)",
+    )
+    parser.add_argument(
+        "--only-tracing",
+        action="store_true",
+        help="run only the tracing rounds; the report goes to bench/RESULTS-tracing.md",
+    )
+    parser.add_argument(
         "--only",
         default="service-1,service-2,baseline,service-replica",
         help="comma-separated targets to run (service-1, service-2, baseline, service-replica)",
@@ -1250,7 +1273,7 @@ def parse_options() -> Options:
         help="a modified copy of the repository (DIR holds its service/): adds target NAME, "
         "that service with 1 worker, to every round; repeatable. For trying a change first.",
     )
-    parser.add_argument("--output", type=Path, default=RESULTS, help="the Markdown report")
+    parser.add_argument("--output", type=Path, default=None, help="the Markdown report")
     production.add_arguments(parser)
     args = parser.parse_args()
     known = {t.key: t for t in (SERVICE_1, SERVICE_2, BASELINE, SERVICE_REPLICA)}
@@ -1266,7 +1289,9 @@ def parse_options() -> Options:
     pool = env("DB_POOL_SIZE")
     return Options(
         targets=tuple(targets),
-        output=args.output.resolve(),
+        output=(
+            args.output or (BENCH / "RESULTS-tracing.md" if args.only_tracing else RESULTS)
+        ).resolve(),
         rounds=args.rounds,
         seconds=args.seconds,
         warmup=args.warmup,
@@ -1276,6 +1301,8 @@ def parse_options() -> Options:
         profile=not args.no_profile,
         overload_rounds=args.overload_rounds,
         keyed_rounds=args.keyed_rounds,
+        tracing_rounds=args.tracing_rounds,
+        only_tracing=args.only_tracing,
         overload_connections=args.overload_connections,
         database_url=env("BENCH_DATABASE_URL") or None,
         production=production.settings_from(args),
@@ -1390,10 +1417,45 @@ def start_replica(
     return url, replica
 
 
+def tracing_rounds(options: Options, database: Database) -> list[dict[str, Any]]:
+    """bench/tracing.py's rounds, on servers started and measured as every other target's."""
+
+    def start(key: str, label: str, env: tuple[tuple[str, str], ...]) -> Server:
+        return Server(Target(key, label, "service", 1, env=env), database.url, options, "round")
+
+    def measure_one(server: Server, workload: str, number: int) -> dict[str, Any]:
+        return measure(options, server, database, workload, number)
+
+    return measure_tracing(options.tracing_rounds, start, measure_one)
+
+
+def run_tracing_alone(options: Options, database: Database, started: datetime.datetime) -> int:
+    """`--only-tracing`: the tracing rounds, printed and written to their own report."""
+    traced = tracing_rounds(options, database)
+    (WORK / "last-tracing-run.json").write_text(json.dumps(traced, indent=1, default=str))
+    section = tracing_section(traced, options.tracing_rounds, options.seconds)
+    header = [
+        "# Tracing cost",
+        "",
+        f"Written by `.venv/bin/python bench/run.py --only-tracing --tracing-rounds "
+        f"{options.tracing_rounds} --seconds {options.seconds}` at {started:%Y-%m-%d %H:%M} UTC, "
+        f"service at commit {git_revision()}; wrk `-t{options.threads} -c{options.connections}` "
+        f"after a {options.warmup} s warm-up.",
+        *machine_description(database),
+        "",
+    ]
+    options.output.write_text("\n".join(header + section))
+    print("\n".join(section))
+    print(f"\nwritten to {options.output}")
+    return 0
+
+
 def run_everything(
     options: Options, database: Database, started: datetime.datetime, clock: float
 ) -> int:
     """Round trips, rounds, overload rounds and profiles; then the report."""
+    if options.only_tracing:
+        return run_tracing_alone(options, database, started)
     print("counting round trips through the wire proxy ...", flush=True)
     try:
         counted = count_round_trips(database, options)
@@ -1432,6 +1494,7 @@ def run_everything(
                 )
 
     keyed = measure_idempotency_keys(options, database) if SERVICE_1 in options.targets else []
+    traced = tracing_rounds(options, database)
 
     produced = None
     if options.production and options.production.rounds:
@@ -1453,6 +1516,7 @@ def run_everything(
         "rounds": rounds,
         "overload": overload,
         "keyed": keyed,
+        "tracing": traced,
         "round_trips": counted,
         "profiles": profiles,
         "production": produced,
@@ -1468,6 +1532,7 @@ def run_everything(
         profiles,
         started,
         time.monotonic() - clock,
+        traced,
         production_lines=production.report(produced, False, f"{started:%Y-%m-%d %H:%M} UTC")
         if produced
         else None,

@@ -10,7 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from litestar import Litestar
 from litestar.datastructures import State
@@ -29,6 +29,7 @@ from service.config import (
 )
 from service.db import (
     DatabaseUnavailable,
+    LeasedSession,
     SessionPool,
     create_engine,
     create_probe_engine,
@@ -50,6 +51,10 @@ from service.middleware import ObserveRequests
 from service.replica import Replica
 from service.routes import create_items, delete_item, get_item, list_items, update_values
 from service.shutdown import drain_on_sigterm
+from service.timing import time_statements
+
+if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when tracing is on
+    from service.tracing import Tracing
 
 log = logging.getLogger("service.app")
 
@@ -78,7 +83,9 @@ def create_served_app() -> Litestar:
     return create_app(freeze_after_start=True)
 
 
-def session_pool(settings: Settings, metrics: Metrics) -> SessionPool:
+def session_pool(
+    settings: Settings, metrics: Metrics, session_class: type[LeasedSession] = LeasedSession
+) -> SessionPool:
     """Long-lived sessions on a new engine for `settings`' database (the primary's or the
     replica's), with the configured pool size, waits, recycling and deadline.
 
@@ -96,10 +103,13 @@ def session_pool(settings: Settings, metrics: Metrics) -> SessionPool:
         deadline_seconds=lease_deadline_seconds(settings),
         transactional=settings.prepares_per_transaction,
         observe_wait=metrics.pool_wait.observe,
+        session_class=session_class,
     )
 
 
-async def start_replica(settings: Settings, metrics: Metrics) -> Replica | None:
+async def start_replica(
+    settings: Settings, metrics: Metrics, session_class: type[LeasedSession] = LeasedSession
+) -> Replica | None:
     """The read replica's pool and health check, or None when DATABASE_READ_URL is unset.
 
     Its first check runs before the app serves, so reads go to a healthy replica from the start.
@@ -107,7 +117,7 @@ async def start_replica(settings: Settings, metrics: Metrics) -> Replica | None:
     replica_settings = read_replica_settings(settings)
     if replica_settings is None:
         return None
-    sessions = session_pool(replica_settings, metrics)
+    sessions = session_pool(replica_settings, metrics, session_class)
     engine = sessions.engine
     replica = Replica(
         sessions,
@@ -147,6 +157,16 @@ async def settle_pooler_mode(settings: Settings) -> Settings:
     return settings
 
 
+def start_tracing_if_configured(settings: Settings) -> Tracing | None:
+    """The app's tracing when the environment configures it (`Settings.tracing`), else None;
+    only then is the OpenTelemetry SDK imported."""
+    if not settings.tracing:
+        return None
+    from service.tracing import start_tracing
+
+    return start_tracing()
+
+
 def create_app(settings: Settings | None = None, *, freeze_after_start: bool = False) -> Litestar:
     """Build the app; with no settings, read them from the environment and `.env`."""
     settings = settings if settings is not None else load_settings()
@@ -161,13 +181,23 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
     )
     metrics = Metrics(state)
     state.metrics = metrics
+    tracing = start_tracing_if_configured(settings)
 
     @asynccontextmanager
     async def engine_lifespan(app: Litestar) -> AsyncIterator[None]:
         settings = app.state.settings = await settle_pooler_mode(app.state.settings)
-        sessions = session_pool(settings, metrics)
+        # With tracing, the request sessions make the statements' spans (the probes' and the
+        # migrations' engines stay out of it).
+        session_class = tracing.session_class if tracing is not None else LeasedSession
+        sessions = session_pool(settings, metrics, session_class)
         engine = sessions.engine
-        app.state.replica = await start_replica(settings, metrics)
+        app.state.replica = await start_replica(settings, metrics, session_class)
+        if settings.server_timing:
+            time_statements(engine)
+            if app.state.replica is not None:
+                time_statements(app.state.replica.sessions.engine)
+        if tracing is not None:
+            log.info("tracing: %s", tracing.describe())
         app.state.engine = engine
         app.state.sessions = sessions
         app.state.readiness = Readiness(create_probe_engine(settings))
@@ -210,6 +240,8 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
             await sessions.close()
             await engine.dispose()
             await app.state.readiness.close()
+            if tracing is not None:
+                await tracing.close()
 
     return ServiceApp(
         route_handlers=[
@@ -230,6 +262,8 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
             metrics=metrics,
             access_log=AccessLog(settings.access_log, settings.log_format, settings.log_level),
             max_in_flight=settings.in_flight_limit,
+            tracing=tracing,
+            server_timing=settings.server_timing,
         ),
         exception_handlers={
             HTTPException: handle_http_exception,

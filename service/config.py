@@ -128,6 +128,11 @@ class Settings:
     log_format: Literal["json", "console"] = "json"
     # One access line per request ("all"), only for answers >= 400 ("errors"), or none ("off").
     access_log: Literal["all", "errors", "off"] = "all"
+    # Spans over OTLP/HTTP (service.tracing), configured by the OpenTelemetry SDK's own OTEL_*
+    # variables: not a key of its own, but what `tracing_configured` finds in the environment.
+    tracing: bool = False
+    # A Server-Timing header (database and total milliseconds) on the /items answers.
+    server_timing: bool = False
     # Requests to /items in progress at once per process, the excess answered 503; 0: see below.
     max_in_flight: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
     # Data folder of the embedded development database.
@@ -191,7 +196,7 @@ URL_FIELDS = {
     *(f"db_{key}" for key in UrlQuery.__struct_fields__),
     *(f"db_read_{key}" for key in UrlQuery.__struct_fields__),
 }
-ENVIRONMENT_FIELDS = {f.name for f in fields(Settings)} - URL_FIELDS
+ENVIRONMENT_FIELDS = {f.name for f in fields(Settings)} - URL_FIELDS - {"tracing"}
 NOTEBOOK_KEYS = {f.name for f in fields(NotebookKeys)}
 
 
@@ -208,7 +213,7 @@ def load_settings(
     values["api_tokens"] = [t.strip() for t in values.get("api_tokens", "").split(",") if t.strip()]
     if "log_level" in values:
         values["log_level"] = values["log_level"].upper()
-    for name in ("auth_disabled", "db_pgbouncer"):
+    for name in ("auth_disabled", "db_pgbouncer", "server_timing"):
         if name in values:
             values[name] = BOOLEAN_WORDS.get(values[name].lower(), values[name])
     if values.get("db_pgbouncer") == "true" and values.get("db_pooler", "none") not in (
@@ -222,10 +227,48 @@ def load_settings(
         )
     values.update(_database_fields(env))
     values.update(_read_database_fields(env))
+    values["tracing"] = tracing_configured(os.environ if environ is None else environ)
     settings = _convert(values, Settings, str.upper)
     _check_tokens(settings.api_tokens)
     _check_consistency_wait(settings)
     return settings
+
+
+def tracing_configured(environ: Mapping[str, str]) -> bool:
+    """Whether the environment asks for traces, in the OpenTelemetry SDK's own terms: an OTLP
+    endpoint (OTEL_EXPORTER_OTLP_ENDPOINT or its _TRACES_ form) or OTEL_TRACES_EXPORTER=otlp;
+    OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none keeps it off.
+
+    Only the process environment counts, not `.env`: the SDK reads its settings from there.
+    """
+
+    def get(key: str) -> str:
+        return (environ.get(key) or "").strip()
+
+    if get("OTEL_SDK_DISABLED").lower() == "true":
+        return False
+    exporters = {name.strip().lower() for name in get("OTEL_TRACES_EXPORTER").split(",")} - {""}
+    if exporters - {"otlp", "none"}:
+        raise SettingsError(
+            "OTEL_TRACES_EXPORTER", "must be otlp or none: the one exporter installed is OTLP"
+        )
+    wanted = (
+        "otlp" in exporters
+        if exporters
+        else bool(get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    )
+    # The traces' own protocol wins over the general one, as in the SDK.
+    key = next(
+        (
+            k
+            for k in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+            if get(k)
+        ),
+        None,
+    )
+    if wanted and key is not None and get(key) != "http/protobuf":
+        raise SettingsError(key, "must be http/protobuf: the exporter installed is OTLP over HTTP")
+    return wanted
 
 
 def token_bits(token: str) -> float:

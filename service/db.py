@@ -325,6 +325,7 @@ class SessionPool:
         deadline_seconds: float | None = None,
         transactional: bool,
         observe_wait: Callable[[float], None] = lambda seconds: None,
+        session_class: type[LeasedSession] = LeasedSession,
     ) -> None:
         self.engine = engine
         self.timeout = timeout
@@ -337,6 +338,7 @@ class SessionPool:
         # Behind a transaction-mode pooler reads run in a transaction too, which a lease ends.
         self.transactional = transactional
         self.observe_wait = observe_wait
+        self.session_class = session_class  # service.tracing's, to make statements spans
         # Popped from the right, where regular slots are given back; overflow slots go back on
         # the left, so they are used only while every regular slot is busy, and light traffic
         # after a burst runs on the regular slots' open connections.
@@ -515,7 +517,7 @@ class SessionPool:
         slot.connection = connection
         slot.driver = raw.driver_connection
         slot.since = time.monotonic()
-        slot.session = LeasedSession(bind=connection, expire_on_commit=False)
+        slot.session = self.session_class(bind=connection, expire_on_commit=False)
         slot.session.autocommit = not self.transactional
         return slot.session
 

@@ -146,8 +146,18 @@ class AccessLog:
         self._second = -1
         self._second_text = ""
 
-    def record(self, method: str, route: str, status: int, seconds: float, request_id: str) -> None:
-        """Queue the request's line, if this mode keeps it."""
+    def record(
+        self,
+        method: str,
+        route: str,
+        status: int,
+        seconds: float,
+        request_id: str,
+        trace_id: str = "",
+        sampled: bool = False,
+    ) -> None:
+        """Queue the request's line, if this mode keeps it; with tracing on, the line names the
+        request's trace (32 hex digits) and whether it was sampled (exported)."""
         if not self.enabled or (self.errors_only and status < 400):
             return
         now = time.time()
@@ -161,16 +171,22 @@ class AccessLog:
         millis = int((now - second) * 1000)
         duration_ms = round(seconds * 1000, 2)
         if self.json:
+            trace = (
+                f',"trace_id":"{trace_id}","trace_sampled":{"true" if sampled else "false"}'
+                if trace_id
+                else ""
+            )
             line = (
                 f'{{"time":"{self._second_text}.{millis:03d}+00:00","level":"INFO",'
                 f'"logger":"service.access","message":"{method} {route} {status}",'
                 f'"http":{{"method":"{method}","route":"{route}","status":{status},'
-                f'"duration_ms":{duration_ms}}},"request_id":"{request_id}"}}\n'
+                f'"duration_ms":{duration_ms}}},"request_id":"{request_id}"{trace}}}\n'
             )
         else:
+            trace = f" trace {trace_id}{'' if sampled else ' (not sampled)'}" if trace_id else ""
             line = (
                 f"{self._second_text},{millis:03d} INFO service.access: "
-                f"{method} {route} {status} {duration_ms} ms {request_id}\n"
+                f"{method} {route} {status} {duration_ms} ms {request_id}{trace}\n"
             )
         _writer().write(line)
 

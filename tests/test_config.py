@@ -164,6 +164,12 @@ def test_password_never_in_repr_or_str() -> None:
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"ACCESS_LOG": "some"}, "ACCESS_LOG"),
         ({"MAX_IN_FLIGHT": "-1"}, "MAX_IN_FLIGHT"),
+        ({"SERVER_TIMING": "sometimes"}, "SERVER_TIMING"),
+        ({"OTEL_TRACES_EXPORTER": "console"}, "OTEL_TRACES_EXPORTER"),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
         ({"MAX_IN_FLIGHT": "many"}, "MAX_IN_FLIGHT"),
         ({"DB_POOL_IDLE_TIMEOUT": "0.5"}, "DB_POOL_IDLE_TIMEOUT"),
         ({"API_TOKENS": "short"}, "API_TOKENS"),
@@ -366,3 +372,40 @@ def test_a_consistency_wait_past_the_lease_deadline_is_refused(
     assert error.value.key == "READ_CONSISTENCY_WAIT_MS"
     message = str(error.value)
     assert "\n" not in message and "DB_STATEMENT_TIMEOUT_MS" in message
+
+
+@pytest.mark.parametrize(
+    ("env", "traced"),
+    [
+        ({}, False),
+        ({"OTEL_SERVICE_NAME": "items"}, False),  # naming the service exports nothing yet
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, True),  # to the SDK's default, localhost:4318
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}, False),
+        # The traces' own protocol wins over the general one; gRPC is refused only if used.
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+            },
+            True,
+        ),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, False),
+    ],
+)
+def test_tracing_is_on_when_the_environment_configures_an_otlp_exporter(
+    env: dict[str, str], traced: bool
+) -> None:
+    assert settings_from(env).tracing is traced
+
+
+def test_otlp_settings_in_dotenv_do_not_turn_tracing_on(tmp_path: Path) -> None:
+    # The SDK reads OTEL_* from the process environment only; tracing follows what it will see.
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318\nSERVER_TIMING=yes\n")
+    settings = settings_from({}, env_file=dotenv)
+    assert settings.tracing is False and settings.server_timing is True
+    assert settings_from({"TRACING": "true"}).tracing is False  # not a key of its own
