@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from service import __version__
+from service.admission import Admission
 from service.auth import BEARER_SCHEME, token_digests
 from service.config import (
     Settings,
@@ -80,7 +81,9 @@ def create_served_app() -> Litestar:
     return create_app(freeze_after_start=True)
 
 
-def session_pool(settings: Settings, metrics: Metrics) -> SessionPool:
+def session_pool(
+    settings: Settings, metrics: Metrics, observe_wait: Callable[[float], None] | None = None
+) -> SessionPool:
     """Long-lived sessions on a new engine for `settings`' database (the primary's or the
     replica's), with the configured pool size, waits, recycling and deadline.
 
@@ -97,7 +100,18 @@ def session_pool(settings: Settings, metrics: Metrics) -> SessionPool:
         idle_seconds=settings.db_pool_idle_timeout,
         deadline_seconds=lease_deadline_seconds(settings),
         transactional=settings.prepares_per_transaction,
-        observe_wait=metrics.pool_wait.observe,
+        observe_wait=observe_wait or metrics.pool_wait.observe,
+    )
+
+
+def create_admission(settings: Settings, metrics: Metrics) -> Admission:
+    """Admission by the primary pool's queue delay, with the configured target and limits."""
+    return Admission(
+        target=settings.admission_target_ms / 1000,
+        interval=settings.admission_interval_ms / 1000,
+        max_in_flight=settings.in_flight_limit,
+        refusal_delay=settings.admission_refusal_delay_ms / 1000,
+        record_wait=metrics.pool_wait.observe,
     )
 
 
@@ -163,11 +177,15 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
     )
     metrics = Metrics(state)
     state.metrics = metrics
+    admission = state.admission = create_admission(settings, metrics)
 
     @asynccontextmanager
     async def engine_lifespan(app: Litestar) -> AsyncIterator[None]:
         settings = app.state.settings = await settle_pooler_mode(app.state.settings)
-        sessions = session_pool(settings, metrics)
+        # Every write, and every read without a replica, waits in this pool's queue: admission
+        # follows its delay (a replica's reads fall back to it when the replica is busy).
+        sessions = session_pool(settings, metrics, admission.observe_wait)
+        admission.queue = sessions
         engine = sessions.engine
         app.state.replica = await start_replica(settings, metrics)
         app.state.engine = engine
@@ -231,7 +249,7 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
             state=state,
             metrics=metrics,
             access_log=AccessLog(settings.access_log, settings.log_format, settings.log_level),
-            max_in_flight=settings.in_flight_limit,
+            admission=admission,
         ),
         exception_handlers={
             HTTPException: handle_http_exception,

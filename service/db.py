@@ -390,6 +390,22 @@ class SessionPool:
         return len(self._slots) - len(self._idle)
 
     @property
+    def waiting(self) -> int:
+        """Requests waiting for a session right now."""
+        return sum(1 for _, waiter in self._waiters if not waiter.done())
+
+    def queue_delay(self) -> float:
+        """How long the oldest request still waiting for a session has waited so far (0: none).
+
+        In a first-come-first-served line that is about the wait a request joining now can
+        expect, measured rather than estimated (service.admission sheds by it).
+        """
+        for expiry, waiter in self._waiters:
+            if not waiter.done():  # given up or served in this instant: the next one tells
+                return asyncio.get_running_loop().time() - (expiry - self.timeout)
+        return 0.0
+
+    @property
     def connections(self) -> int:
         """Database connections the slots hold right now."""
         return sum(1 for slot in self._slots if slot.connection is not None)
@@ -452,7 +468,8 @@ class SessionPool:
         now = loop.time()
         waiters = self._waiters
         while waiters and (waiters[0][0] <= now or waiters[0][1].done()):
-            _expire(waiters.popleft()[1], self.timeout)
+            if _expire(waiters.popleft()[1], self.timeout):
+                self.observe_wait(self.timeout)
         self._waiter_expiry = loop.call_at(waiters[0][0], self._expire_waiters) if waiters else None
 
     def _release(self, slot: _Slot) -> None:
@@ -552,12 +569,13 @@ class SessionPool:
                 await connection.invalidate()
 
 
-def _expire(waiter: asyncio.Future[_Slot], timeout: float) -> None:
-    """Fail a waiter for a session that is still waiting after `timeout` seconds."""
-    if not waiter.done():
-        waiter.set_exception(
-            PoolTimeout(f"no database connection became free within {timeout:g} s")
-        )
+def _expire(waiter: asyncio.Future[_Slot], timeout: float) -> bool:
+    """Fail a waiter for a session that is still waiting after `timeout` seconds; True if it
+    was still waiting."""
+    if waiter.done():
+        return False
+    waiter.set_exception(PoolTimeout(f"no database connection became free within {timeout:g} s"))
+    return True
 
 
 class _Lease:

@@ -1,0 +1,139 @@
+"""Admission: which requests to /items the service takes on, by the delay of its connection queue.
+
+Past its capacity the service can only make requests wait longer for a pooled connection; it
+cannot serve more of them. So a request is refused at the door when the queue it would join is
+already as long as the latency target allows, but only while that queue *stands*: CoDel's rule
+(Nichols and Jacobson, "Controlling Queue Delay"; Facebook, "Fail at Scale"), which sheds only
+when the queue delay has stayed above its target for a whole interval, so a burst that drains
+within the interval is absorbed and a queue that does not drain is cut back to the target.
+
+A refusal costs next to nothing (a precomputed 503, before routing or reading a body) and is held
+for `refusal_delay` seconds before it is sent: a client that sends again as soon as it is
+answered, as most do, is then refused at most once per `refusal_delay` per connection, instead of
+in a loop as fast as the event loop can answer, which took the core from the admitted requests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import msgspec
+from litestar.types import HTTPResponseStartEvent
+
+from service.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_SECONDS, problem_document
+
+QUEUE_DELAY = "queue_delay"  # the queue stood above the target: refused to keep it there
+IN_FLIGHT_LIMIT = "in_flight_limit"  # MAX_IN_FLIGHT admitted requests in progress already
+REASONS = (QUEUE_DELAY, IN_FLIGHT_LIMIT)
+
+
+class Queue(Protocol):
+    """What admission reads of the connection queue (service.db's SessionPool)."""
+
+    def queue_delay(self) -> float:
+        """How long the oldest request waiting for a connection has waited so far, in seconds."""
+        ...  # pragma: no cover
+
+
+class Refusal:
+    """A 503 with Retry-After and its problem document, encoded once."""
+
+    __slots__ = ("body", "headers", "reason")
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.body = msgspec.json.encode(problem_document(503, detail))
+        self.headers = (
+            (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+            (b"retry-after", RETRY_AFTER_SECONDS.encode()),
+            (b"content-length", b"%d" % len(self.body)),
+        )
+
+    def start(self) -> HTTPResponseStartEvent:
+        """The response's start message (a fresh header list: the middleware appends to it)."""
+        return {"type": "http.response.start", "status": 503, "headers": list(self.headers)}
+
+
+class Admission:
+    """Takes a request to /items on, or refuses it, from what the connection queue measures.
+
+    The pool reports each request's wait for a connection (`observe_wait`). When no request has
+    got one within `target` seconds for `interval` seconds, the queue stands: admission sheds,
+    refusing each new request that finds the oldest waiter already `target` old, so the queue
+    holds what the pool serves within the target and no more. It stops shedding once an
+    interval has passed without such a refusal (the demand fell back below the capacity). At
+    most `max_in_flight` admitted requests are in progress at once, whatever the queue says:
+    the last resort, for a flood faster than an interval. `target` 0 turns shedding off.
+    """
+
+    def __init__(
+        self,
+        *,
+        target: float,
+        interval: float,
+        max_in_flight: int,
+        refusal_delay: float,
+        record_wait: Callable[[float], None] = lambda seconds: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.target = target
+        self.interval = interval
+        self.max_in_flight = max_in_flight
+        self.refusal_delay = refusal_delay
+        self.record_wait = record_wait  # the queue delay histogram
+        self.clock = clock
+        self.queue: Queue | None = None  # the primary's session pool, once the lifespan made it
+        self.shedding = False
+        self.in_flight = 0  # admitted requests to /items in progress
+        self.refusals = dict.fromkeys(REASONS, 0)
+        self.sheds = 0  # times shedding began
+        # When a request last got a connection within the target; when the queue was last found
+        # beyond it while shedding (a refusal, or the moment shedding began).
+        self._within_target_at = clock()
+        self._beyond_target_at = 0.0
+        self.by_delay = Refusal(
+            QUEUE_DELAY,
+            "the service is at capacity: requests wait longer than "
+            f"{target * 1000:g} ms for a database connection; retry shortly",
+        )
+        self.by_limit = Refusal(
+            IN_FLIGHT_LIMIT,
+            f"the service is at capacity ({max_in_flight} requests in progress); retry shortly",
+        )
+
+    def observe_wait(self, seconds: float) -> None:
+        """A request waited `seconds` for a connection (or gave up after that long)."""
+        self.record_wait(seconds)
+        if seconds <= self.target:
+            self._within_target_at = self.clock()
+        elif not self.shedding and self.target:
+            now = self.clock()
+            if now - self._within_target_at >= self.interval:
+                self.shedding = True
+                self.sheds += 1
+                self._beyond_target_at = now
+
+    def admit(self) -> Refusal | None:
+        """None, and the request counts as in progress until `done()`; or the refusal to send."""
+        if self.in_flight >= self.max_in_flight:
+            self.refusals[IN_FLIGHT_LIMIT] += 1
+            return self.by_limit
+        if self.shedding and self.queue is not None:
+            if self.queue.queue_delay() >= self.target:
+                self.refusals[QUEUE_DELAY] += 1
+                self._beyond_target_at = self.clock()
+                return self.by_delay
+            self.settle()
+        self.in_flight += 1
+        return None
+
+    def done(self) -> None:
+        """An admitted request has been answered."""
+        self.in_flight -= 1
+
+    def settle(self) -> None:
+        """Stop shedding if no request has found the queue beyond the target for an interval."""
+        if self.shedding and self.clock() - self._beyond_target_at >= self.interval:
+            self.shedding = False
