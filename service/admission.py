@@ -15,6 +15,7 @@ in a loop as fast as the event loop can answer, which took the core from the adm
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -31,6 +32,16 @@ REASONS = (QUEUE_DELAY, IN_FLIGHT_LIMIT)
 
 class Queue(Protocol):
     """What admission reads of the connection queue (service.db's SessionPool)."""
+
+    @property
+    def size(self) -> int:
+        """Connections it leases at once."""
+        ...  # pragma: no cover
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a connection now."""
+        ...  # pragma: no cover
 
     def queue_delay(self) -> float:
         """How long the oldest request waiting for a connection has waited so far, in seconds."""
@@ -59,13 +70,17 @@ class Refusal:
 class Admission:
     """Takes a request to /items on, or refuses it, from what the connection queue measures.
 
-    The pool reports each request's wait for a connection (`observe_wait`). When no request has
-    got one within `target` seconds for `interval` seconds, the queue stands: admission sheds,
-    refusing each new request that finds the oldest waiter already `target` old, so the queue
-    holds what the pool serves within the target and no more. It stops shedding once an
-    interval has passed without such a refusal (the demand fell back below the capacity). At
-    most `max_in_flight` admitted requests are in progress at once, whatever the queue says:
-    the last resort, for a flood faster than an interval. `target` 0 turns shedding off.
+    The pool reports each request's wait for a connection (`observe_wait`) and how long each
+    lease held its connection (`observe_hold`). When no request has got a connection within
+    `target` seconds for `interval` seconds, the queue stands: admission sheds, refusing each
+    request that would join a queue already as long as the pool serves within `target` seconds
+    (its connections divided by the mean hold of the last interval, times the target), so the
+    queue holds what the pool serves within the target and no more. (Not the queue's observed
+    drain rate: that falls with the queue admission allows, and the two would chase each other
+    down.) It stops once an interval has passed
+    without such a refusal (the demand fell back below the capacity). At most `max_in_flight`
+    admitted requests are in progress at once, whatever the queue says: the last resort, for a
+    flood faster than an interval. `target` 0 turns shedding off.
     """
 
     def __init__(
@@ -89,10 +104,14 @@ class Admission:
         self.in_flight = 0  # admitted requests to /items in progress
         self.refusals = dict.fromkeys(REASONS, 0)
         self.sheds = 0  # times shedding began
+        self.mean_hold = 0.0  # seconds a lease held its connection, over the last interval
+        now = clock()
+        self._holds, self._held = 0, 0.0  # leases ended since `_counting_since`, their seconds
+        self._counting_since = now
         # When a request last got a connection within the target; when the queue was last found
-        # beyond it while shedding (a refusal, or the moment shedding began).
-        self._within_target_at = clock()
-        self._beyond_target_at = 0.0
+        # full while shedding (a refusal, or the moment shedding began).
+        self._within_target_at = now
+        self._full_at = 0.0
         self.by_delay = Refusal(
             QUEUE_DELAY,
             "the service is at capacity: requests wait longer than "
@@ -103,17 +122,34 @@ class Admission:
             f"the service is at capacity ({max_in_flight} requests in progress); retry shortly",
         )
 
+    @property
+    def queue_limit(self) -> float:
+        """The waiters the pool serves within the target, and at least one per connection: with
+        fewer, a connection idles while the next request is on its way, and when a single lease
+        outlasts the target no queue meets it anyway."""
+        if self.queue is None or not self.mean_hold:
+            return float("inf")
+        size = self.queue.size
+        return max(self.target * size / self.mean_hold, size)
+
+    def observe_hold(self, seconds: float) -> None:
+        """A lease held its connection `seconds`."""
+        self._holds += 1
+        self._held += seconds
+
     def observe_wait(self, seconds: float) -> None:
         """A request waited `seconds` for a connection (or gave up after that long)."""
         self.record_wait(seconds)
+        now = self.clock()
+        if now - self._counting_since >= self.interval and self._holds:
+            self.mean_hold = self._held / self._holds
+            self._holds, self._held, self._counting_since = 0, 0.0, now
         if seconds <= self.target:
-            self._within_target_at = self.clock()
-        elif not self.shedding and self.target:
-            now = self.clock()
-            if now - self._within_target_at >= self.interval:
-                self.shedding = True
-                self.sheds += 1
-                self._beyond_target_at = now
+            self._within_target_at = now
+        elif not self.shedding and self.target and now - self._within_target_at >= self.interval:
+            self.shedding = True
+            self.sheds += 1
+            self._full_at = now
 
     def admit(self) -> Refusal | None:
         """None, and the request counts as in progress until `done()`; or the refusal to send."""
@@ -121,9 +157,9 @@ class Admission:
             self.refusals[IN_FLIGHT_LIMIT] += 1
             return self.by_limit
         if self.shedding and self.queue is not None:
-            if self.queue.queue_delay() >= self.target:
+            if self.queue.waiting >= self.queue_limit:
                 self.refusals[QUEUE_DELAY] += 1
-                self._beyond_target_at = self.clock()
+                self._full_at = self.clock()
                 return self.by_delay
             self.settle()
         self.in_flight += 1
@@ -134,6 +170,11 @@ class Admission:
         self.in_flight -= 1
 
     def settle(self) -> None:
-        """Stop shedding if no request has found the queue beyond the target for an interval."""
-        if self.shedding and self.clock() - self._beyond_target_at >= self.interval:
+        """Stop shedding if no request has found the queue full for an interval."""
+        if self.shedding and self.clock() - self._full_at >= self.interval:
             self.shedding = False
+
+    def hold(self) -> float:
+        """Seconds to hold the next refusal: `refusal_delay`, give or take half of it at random,
+        so that clients refused in the same instant do not all come back in the same instant."""
+        return self.refusal_delay * (0.5 + random.random())  # noqa: S311 (spread, not a secret)

@@ -82,7 +82,7 @@ def create_served_app() -> Litestar:
 
 
 def session_pool(
-    settings: Settings, metrics: Metrics, observe_wait: Callable[[float], None] | None = None
+    settings: Settings, metrics: Metrics, admission: Admission | None = None
 ) -> SessionPool:
     """Long-lived sessions on a new engine for `settings`' database (the primary's or the
     replica's), with the configured pool size, waits, recycling and deadline.
@@ -100,7 +100,8 @@ def session_pool(
         idle_seconds=settings.db_pool_idle_timeout,
         deadline_seconds=lease_deadline_seconds(settings),
         transactional=settings.prepares_per_transaction,
-        observe_wait=observe_wait or metrics.pool_wait.observe,
+        observe_wait=admission.observe_wait if admission else metrics.pool_wait.observe,
+        observe_hold=admission.observe_hold if admission else lambda seconds: None,
     )
 
 
@@ -184,7 +185,7 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
         settings = app.state.settings = await settle_pooler_mode(app.state.settings)
         # Every write, and every read without a replica, waits in this pool's queue: admission
         # follows its delay (a replica's reads fall back to it when the replica is busy).
-        sessions = session_pool(settings, metrics, admission.observe_wait)
+        sessions = session_pool(settings, metrics, admission)
         admission.queue = sessions
         engine = sessions.engine
         app.state.replica = await start_replica(settings, metrics)

@@ -325,6 +325,7 @@ class SessionPool:
         deadline_seconds: float | None = None,
         transactional: bool,
         observe_wait: Callable[[float], None] = lambda seconds: None,
+        observe_hold: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.engine = engine
         self.timeout = timeout
@@ -336,7 +337,10 @@ class SessionPool:
         self.deadline_seconds = deadline_seconds
         # Behind a transaction-mode pooler reads run in a transaction too, which a lease ends.
         self.transactional = transactional
+        # Told each request's wait for a session (or until it gave up), and how long each lease
+        # held its session: what service.admission follows.
         self.observe_wait = observe_wait
+        self.observe_hold = observe_hold
         # Popped from the right, where regular slots are given back; overflow slots go back on
         # the left, so they are used only while every regular slot is busy, and light traffic
         # after a burst runs on the regular slots' open connections.
@@ -390,9 +394,15 @@ class SessionPool:
         return len(self._slots) - len(self._idle)
 
     @property
+    def size(self) -> int:
+        """Sessions the pool can lease at once (its size and overflow)."""
+        return len(self._slots)
+
+    @property
     def waiting(self) -> int:
-        """Requests waiting for a session right now."""
-        return sum(1 for _, waiter in self._waiters if not waiter.done())
+        """Requests waiting for a session right now (with, for an instant, any that just gave
+        up: they leave the line when the next session is handed over)."""
+        return len(self._waiters)
 
     def queue_delay(self) -> float:
         """How long the oldest request still waiting for a session has waited so far (0: none).
@@ -601,8 +611,8 @@ class _Lease:
         except BaseException:
             pool._release(slot)
             raise
+        self.started = asyncio.get_running_loop().time()
         if pool.deadline_seconds:
-            self.started = asyncio.get_running_loop().time()
             pool._watch(self)
         return session
 
@@ -621,6 +631,7 @@ class _Lease:
         pool, slot = self.pool, self.slot
         assert slot is not None and slot.session is not None  # noqa: S101 (set on enter)
         pool._leases.discard(self)
+        pool.observe_hold(asyncio.get_running_loop().time() - self.started)
         try:
             if error is not None or self.expired:
                 await pool._recover(slot)

@@ -123,13 +123,19 @@ class AdmissionCollector(Collector):
         for name, doc, value in (
             (
                 "admission_shedding",
-                "1 while requests finding the queue delay at the target are refused, else 0.",
+                "1 while a standing queue is cut back to the target (ADMISSION_TARGET_MS), else 0.",
                 int(admission.shedding),
             ),
             (
                 "admission_queue_delay_seconds",
                 "How long the oldest request waiting for a connection has waited, now.",
                 sessions.queue_delay() if sessions is not None else 0.0,
+            ),
+            (
+                "admission_queue_limit",
+                "Waiters the pool serves within the target at its drain rate now: while "
+                "shedding, a request finding this many waiting is refused.",
+                admission.queue_limit,
             ),
             (
                 "admission_target_seconds",

@@ -60,7 +60,7 @@ class ObserveRequests:
     stack (with its own exception layer) plus a `before_send` hook.
 
     Requests to /items are taken on or refused by `admission` (service.admission) before
-    anything else is done with them: a refusal is a 503 with Retry-After, encoded once, sent
+    anything else is done with them: a refusal is a 503 with Retry-After, encoded once, sent about
     `admission.refusal_delay` seconds later without routing the request or reading its body.
     Probes and metrics are never refused.
     """
@@ -141,7 +141,7 @@ class ObserveRequests:
 
     async def _refuse(self, send: Send, refusal: Refusal) -> None:
         if self.admission.refusal_delay:
-            await asyncio.sleep(self.admission.refusal_delay)
+            await asyncio.sleep(self.admission.hold())
         await send(refusal.start())
         body: HTTPResponseBodyEvent = {
             "type": "http.response.body",
