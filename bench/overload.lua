@@ -3,6 +3,10 @@
 -- so that every answer is timed against its own request. (wrk's own latency histogram mixes
 -- answers with refusals, and a refusal the service holds back is slower than any answer.)
 --
+-- Answers come in the first BENCH_WARMUP_SECONDS of the run are not counted: the warm-up runs
+-- on the same connections as the measured seconds, so these measure the steady state, not the
+-- arrival of every connection at once (a burst of its own).
+--
 -- BENCH_HONOUR_RETRY_AFTER=1: a connection answered 503 waits its Retry-After, plus up to a
 -- quarter more at random, before its next request, as a well-behaved HTTP client or retrying SDK
 -- does (the jitter keeps clients refused in the same instant from coming back in the same
@@ -36,6 +40,14 @@ end
 
 local workload_request = request
 local sent_at, sequence = {}, 0
+local warmup_us = tonumber(os.getenv("BENCH_WARMUP_SECONDS") or "0") * 1e6
+local counting_from = nil
+
+local workload_init = init
+function init(args)
+   workload_init(args)
+   counting_from = now_us() + warmup_us
+end
 
 function request()
    sequence = sequence + 1
@@ -52,9 +64,12 @@ local retry_after_ms = 0
 function response(status, headers, body)
    local id = headers["x-request-id"] or headers["X-Request-ID"]
    local started = id and sent_at[id]
-   if started then
+   local now = now_us()
+   if started and now < counting_from then
       sent_at[id] = nil
-      local us = now_us() - started
+   elseif started then
+      sent_at[id] = nil
+      local us = now - started
       if status < 300 then
          answered_count = answered_count + 1
          record(answered, us)
@@ -64,7 +79,7 @@ function response(status, headers, body)
       else
          other_count = other_count + 1
       end
-   else
+   elseif now >= counting_from then
       other_count = other_count + 1
    end
    -- wrk calls delay() for the same connection right after its response() (one thread, one

@@ -21,6 +21,7 @@ Run by bench/run.py (`make bench`, or `bench/run.py --only-overload` for this se
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -38,9 +39,15 @@ CLIENTS = {
     "retry-after": "wait out Retry-After",
 }
 WRK_TIMEOUT_SECONDS = 2
-# The service as shipped, and the same service queueing everything (no shedding at all).
-SHIPPED: tuple[tuple[str, str], ...] = ()
-QUEUE_ALL = (("ADMISSION_TARGET_MS", "0"), ("MAX_IN_FLIGHT", "1000000"))
+# The service as shipped; the same service queueing everything (no shedding at all); and the
+# same service refusing at once (refusals not held): clients that resend at once then loop on
+# refusals, which dominate its CPU, so that what one costs can be read off.
+SERVERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "shipped": (),
+    "queue-all": (("ADMISSION_TARGET_MS", "0"), ("MAX_IN_FLIGHT", "1000000")),
+    "unheld": (("ADMISSION_REFUSAL_DELAY_MS", "0"),),
+}
+LABELS = {"shipped": "as shipped", "queue-all": "queue all", "unheld": "refusals not held"}
 # Targets (issue 17), against the same round's 1x run.
 MIN_ANSWERED_RATIO = 0.85
 MAX_P99_RATIO = {"retry-after": 2.0, "at-once": 4.0}
@@ -66,11 +73,15 @@ class Case:
     workload: str  # "read" or "batch"
     multiple: int  # connections, in multiples of the main rounds' (-c64)
     clients: str  # a key of CLIENTS
-    server: str = "shipped"  # or "queue-all"
+    server: str = "shipped"  # a key of SERVERS
+
+    @property
+    def name(self) -> str:
+        return f"{self.workload}-{self.multiple}-{self.clients}-{self.server}"
 
 
-def plan() -> tuple[list[Case], list[Case]]:
-    """The cases on the shipped service, and those on the service that queues everything."""
+def plan() -> dict[str, list[Case]]:
+    """The cases of a round, by the server they run on."""
     shipped = [Case(workload, 1, "at-once") for workload in ("read", "batch")]
     shipped += [
         Case(workload, multiple, clients)
@@ -78,8 +89,11 @@ def plan() -> tuple[list[Case], list[Case]]:
         for multiple in MULTIPLES[1:]
         for clients in CLIENTS
     ]
-    queue_all = [Case("read", multiple, "at-once", "queue-all") for multiple in MULTIPLES[1:]]
-    return shipped, queue_all
+    return {
+        "shipped": shipped,
+        "queue-all": [Case("read", multiple, "at-once", "queue-all") for multiple in MULTIPLES[1:]],
+        "unheld": [Case("read", MULTIPLES[-1], "at-once", "unheld")],
+    }
 
 
 @dataclass(frozen=True)
@@ -92,29 +106,10 @@ class Settings:
     connections: int
     threads: int
     env: dict[str, str]  # wrk's environment: the token, the rows, the batch size
-
-
-def run_wrk(
-    settings: Settings, case: Case, port: int, seconds: int, connections: int
-) -> dict[str, Any]:
-    """One wrk run of `case`; the numbers of bench/overload.lua's BENCH_RESULT line."""
-    env = dict(
-        settings.env,
-        BENCH_WORKLOAD=case.workload,
-        BENCH_HONOUR_RETRY_AFTER="1" if case.clients == "retry-after" else "0",
-    )
-    command = [
-        "wrk", f"-t{settings.threads}", f"-c{connections}", f"-d{seconds}s",
-        "--timeout", f"{WRK_TIMEOUT_SECONDS}s", "-s", str(SCRIPT), f"http://127.0.0.1:{port}",
-    ]  # fmt: skip
-    done = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=seconds + 60, check=True
-    )
-    for line in done.stdout.splitlines():
-        if line.startswith("BENCH_RESULT "):
-            result: dict[str, Any] = json.loads(line.removeprefix("BENCH_RESULT "))
-            return result
-    raise RuntimeError(f"wrk printed no result:\n{done.stdout}\n{done.stderr}")
+    # Settings for the shipped server beyond its defaults, to try others: BENCH_OVERLOAD_SETTINGS
+    # ("ADMISSION_TARGET_MS=30,ADMISSION_INTERVAL_MS=200").
+    shipped_env: tuple[tuple[str, str], ...] = ()
+    only: tuple[str, ...] = ()  # BENCH_OVERLOAD_ONLY: case names to run ("read-4-at-once", …)
 
 
 def measure(
@@ -124,14 +119,35 @@ def measure(
     cpu_seconds: Callable[[int], float],
     number: int,
 ) -> dict[str, Any]:
-    """Warm up, then one measured run of `case`, with the server's CPU time around it."""
+    """One wrk run of `case`: the warm-up, then the measured seconds on the same connections,
+    with the server's CPU time over the measured seconds."""
     connections = settings.connections * case.multiple
-    run_wrk(settings, case, server.port, settings.warmup, connections)
-    started, cpu_before = time.monotonic(), cpu_seconds(server.pid)
-    result = run_wrk(settings, case, server.port, settings.seconds, connections)
-    cpu = cpu_seconds(server.pid) - cpu_before
-    wall = time.monotonic() - started
-    seconds = result["duration_us"] / 1e6
+    env = dict(
+        settings.env,
+        BENCH_WORKLOAD=case.workload,
+        BENCH_HONOUR_RETRY_AFTER="1" if case.clients == "retry-after" else "0",
+        BENCH_WARMUP_SECONDS=str(settings.warmup),
+    )
+    seconds = settings.warmup + settings.seconds
+    command = [
+        "wrk", f"-t{settings.threads}", f"-c{connections}", f"-d{seconds}s",
+        "--timeout", f"{WRK_TIMEOUT_SECONDS}s", "-s", str(SCRIPT), f"http://127.0.0.1:{server.port}",
+    ]  # fmt: skip
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) as load:
+        time.sleep(settings.warmup)
+        started, cpu_before = time.monotonic(), cpu_seconds(server.pid)
+        time.sleep(settings.seconds)
+        cpu = cpu_seconds(server.pid) - cpu_before
+        wall = time.monotonic() - started
+        output, _ = load.communicate(timeout=60)
+    if load.returncode:
+        raise RuntimeError(f"wrk failed ({load.returncode}):\n{output}")
+    result = next(
+        json.loads(line.removeprefix("BENCH_RESULT "))
+        for line in output.splitlines()
+        if line.startswith("BENCH_RESULT ")
+    )
+    seconds = result["duration_us"] / 1e6 - settings.warmup
     return {
         "round": number,
         "case": case,
@@ -159,13 +175,17 @@ def run_overload(
     settings: Settings, start: StartServer, cpu_seconds: Callable[[int], float]
 ) -> list[dict[str, Any]]:
     """Every round: one fresh server as shipped for all its cases (order rotated each round),
-    then one that queues everything."""
-    shipped, queue_all = plan()
+    then one for each other server's."""
     rows: list[dict[str, Any]] = []
     for number in range(1, settings.rounds + 1):
-        shift = (number - 1) * 3 % len(shipped)
-        for env, cases in ((SHIPPED, shipped[shift:] + shipped[:shift]), (QUEUE_ALL, queue_all)):
-            with start(env, f"overload-{number}") as server:
+        for server_key, planned in plan().items():
+            cases = [c for c in planned if not settings.only or c.name in settings.only]
+            if not cases:
+                continue
+            shift = (number - 1) * 3 % len(cases)
+            cases = cases[shift:] + cases[:shift]
+            env = SERVERS[server_key] + (settings.shipped_env if server_key == "shipped" else ())
+            with start(env, f"overload-{number}-{server_key}") as server:
                 for case in cases:
                     row = measure(settings, case, server, cpu_seconds, number)
                     rows.append(row)
@@ -185,14 +205,30 @@ def median(rows: Iterable[dict[str, Any]], key: str) -> float:
     return float(statistics.median(row[key] for row in rows))
 
 
-def cpu_per_refusal_us(row: dict[str, Any], reference: dict[str, Any]) -> float | None:
-    """The server's CPU time per refusal, in microseconds: what it spent beyond the answers,
-    each costing what one did in the same round's 1x run, divided by the refusals."""
-    if row["refused"] < 100 or not reference["answered"]:
-        return None
-    per_answer = reference["server_cpu_seconds"] / reference["answered"]
-    spare = row["server_cpu_seconds"] - row["answered"] * per_answer
-    return max(spare, 0.0) / row["refused"] * 1e6
+def cpu_per_refusal_us(rows: list[dict[str, Any]]) -> float | None:
+    """The server's CPU time per refusal, in microseconds, where refusals are not held and so
+    dominate it: what it spent beyond its answers (each costing what one did in the same round's
+    1x run), divided by its refusals; the median over rounds."""
+    costs = []
+    for row in rows:
+        if row["case"].server != "unheld" or not row["refused"]:
+            continue
+        reference = reference_of(rows, row)
+        per_answer = reference["server_cpu_seconds"] / max(reference["answered"], 1)
+        spare = row["server_cpu_seconds"] - row["answered"] * per_answer
+        costs.append(max(spare, 0.0) / row["refused"] * 1e6)
+    return statistics.median(costs) if costs else None
+
+
+def efficiency(row: dict[str, Any]) -> float:
+    """Answers per second per core of the server's CPU."""
+    return float(row["answered_rps"] / max(row["server_cores"], 1e-9))
+
+
+def reference_of(rows: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any]:
+    """The 1x run of the same workload in the same round."""
+    case = Case(row["case"].workload, 1, "at-once")
+    return next(r for r in rows if r["case"] == case and r["round"] == row["round"])
 
 
 def fmt(value: float | None, digits: int = 0) -> str:
@@ -203,33 +239,30 @@ def overload_table(rows: list[dict[str, Any]], connections: int) -> list[str]:
     """One line per case, medians across rounds, ratios to the same rounds' 1x runs."""
     if not rows:
         return ["(not run)"]
-    shipped, queue_all = plan()
+    per_refusal = cpu_per_refusal_us(rows)
     lines = [
         "| workload | server | clients | connections | answered/s | ÷ 1x | refused/s "
         "| p50 ms | p99 ms | p99 ÷ 1x | client timeouts | errors | server CPU (cores) "
-        "| CPU per refusal (µs) | targets |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| answered per server core ÷ 1x | of which refusals (est.) | targets |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
-    for case in shipped + queue_all:
+    for case in [case for cases in plan().values() for case in cases]:
         runs = [r for r in rows if r["case"] == case]
         if not runs:
             continue
-        references = {
-            r["round"]: r
-            for r in rows
-            if r["case"] == Case(case.workload, 1, "at-once")
-            and r["round"] in {run["round"] for run in runs}
-        }
         answered_ratio = statistics.median(
-            r["answered_rps"] / references[r["round"]]["answered_rps"] for r in runs
+            r["answered_rps"] / reference_of(rows, r)["answered_rps"] for r in runs
         )
-        p99_ratio = statistics.median(r["p99_ms"] / references[r["round"]]["p99_ms"] for r in runs)
-        per_refusal = [
-            value
-            for r in runs
-            if (value := cpu_per_refusal_us(r, references[r["round"]])) is not None
-        ]
+        p99_ratio = statistics.median(r["p99_ms"] / reference_of(rows, r)["p99_ms"] for r in runs)
+        # Answers per second of the server's CPU, against 1x: what the overload itself costs,
+        # whatever share of the cores the server got (on a machine shared with other work).
+        per_core_ratio = statistics.median(
+            efficiency(r) / efficiency(reference_of(rows, r)) for r in runs
+        )
         timeouts = sum(r["timeouts"] for r in runs)
+        refusal_cores = (
+            median(runs, "refused_rps") * per_refusal / 1e6 if per_refusal is not None else None
+        )
         verdict = ""
         if case.multiple > 1 and case.server == "shipped":
             met = (
@@ -239,39 +272,63 @@ def overload_table(rows: list[dict[str, Any]], connections: int) -> list[str]:
             )
             verdict = "met" if met else "**missed**"
         lines.append(
-            f"| {case.workload} | {'as shipped' if case.server == 'shipped' else 'queue all'} "
-            f"| {CLIENTS[case.clients]} | {connections * case.multiple} "
-            f"| {fmt(median(runs, 'answered_rps'))} | {answered_ratio:.2f} "
-            f"| {fmt(median(runs, 'refused_rps'))} | {fmt(median(runs, 'p50_ms'), 1)} "
-            f"| {fmt(median(runs, 'p99_ms'), 1)} | {p99_ratio:.2f} | {timeouts} "
-            f"| {sum(r['errors'] for r in runs)} | {fmt(median(runs, 'server_cores'), 2)} "
-            f"| {fmt(statistics.median(per_refusal) if per_refusal else None, 1)} | {verdict} |"
+            f"| {case.workload} | {LABELS[case.server]} | {CLIENTS[case.clients]} "
+            f"| {connections * case.multiple} | {fmt(median(runs, 'answered_rps'))} "
+            f"| {answered_ratio:.2f} | {fmt(median(runs, 'refused_rps'))} "
+            f"| {fmt(median(runs, 'p50_ms'), 1)} | {fmt(median(runs, 'p99_ms'), 1)} "
+            f"| {p99_ratio:.2f} | {timeouts} | {sum(r['errors'] for r in runs)} "
+            f"| {fmt(median(runs, 'server_cores'), 2)} | {per_core_ratio:.2f} "
+            f"| {fmt(refusal_cores, 3)} | {verdict} |"
         )
+    lines += [
+        "",
+        f"A refusal costs {fmt(per_refusal, 0)} µs of the server's CPU (from the run whose "
+        "refusals are not held, where they take most of it: its CPU beyond what its answers "
+        "cost at 1x, per refusal); the column before the targets is that times refused/s.",
+    ]
     return lines
 
 
 def overload_section(rows: list[dict[str, Any]], settings: Settings, pool_size: int) -> list[str]:
     """The report's "## Overload" section."""
     rounds = len({r["round"] for r in rows})
+    tried = ", ".join(f"{key}={value}" for key, value in settings.shipped_env)
     return [
         "## Overload",
         "",
         f"Reads and batches against one worker with a pool of {pool_size}, at 1, 4 and 16 times "
-        f"-c{settings.connections}, {rounds} rounds (each a freshly started server running every "
-        f"case, order rotated; wrk `-t{settings.threads} --timeout {WRK_TIMEOUT_SECONDS}s`, "
-        f"{settings.warmup} s warm-up, {settings.seconds} s measured), medians. Ratios are to "
-        "the same round's 1x run (plain wrk). Percentiles are those of the answered requests "
-        "alone, each timed against its own request (bench/overload.lua). CPU per refusal: the "
-        "server's CPU time beyond what the answers cost at 1x, per refusal. Targets (issue 17): "
-        f"answered/s at least {MIN_ANSWERED_RATIO} times 1x, no client timeout, p99 at most "
+        f"-c{settings.connections}, {rounds} rounds (each a freshly started server per kind of "
+        f"server, running its cases in an order rotated every round; wrk `-t{settings.threads} "
+        f"--timeout {WRK_TIMEOUT_SECONDS}s`, {settings.warmup} s of warm-up then "
+        f"{settings.seconds} s measured on the same connections, so the steady state and not "
+        "their arrival all at once), medians. Ratios are to the same round's 1x run (plain "
+        "wrk, as shipped). "
+        "Percentiles are those of the answered requests alone, each timed against its own "
+        "request (bench/overload.lua). Targets (issue 17): answered/s at least "
+        f"{MIN_ANSWERED_RATIO} times 1x, no client timeout, p99 at most "
         f"{MAX_P99_RATIO['retry-after']:g} times 1x for clients that wait out Retry-After and "
         f'{MAX_P99_RATIO["at-once"]:g} times for clients that resend at once. "queue all" is '
-        "the "
-        "same service with ADMISSION_TARGET_MS=0 and MAX_IN_FLIGHT=1000000.",
+        'the same service with ADMISSION_TARGET_MS=0 and MAX_IN_FLIGHT=1000000; "refusals not '
+        'held" with ADMISSION_REFUSAL_DELAY_MS=0.'
+        + (f" The shipped server ran with {tried} (BENCH_OVERLOAD_SETTINGS)." if tried else ""),
         "",
         *overload_table(rows, settings.connections),
         "",
     ]
+
+
+def settings_from_environment(
+    rounds: int, seconds: int, warmup: int, connections: int, threads: int, env: dict[str, str]
+) -> Settings:
+    """The section's settings, with BENCH_OVERLOAD_SETTINGS and BENCH_OVERLOAD_ONLY if set."""
+    extra = os.environ.get("BENCH_OVERLOAD_SETTINGS", "")
+    shipped_env = tuple(
+        (key.strip(), value.strip())
+        for key, _, value in (pair.partition("=") for pair in extra.split(","))
+        if key.strip()
+    )
+    only = tuple(c.strip() for c in os.environ.get("BENCH_OVERLOAD_ONLY", "").split(",") if c)
+    return Settings(rounds, seconds, warmup, connections, threads, env, shipped_env, only)
 
 
 def replace_section(path: Path, section: list[str]) -> None:

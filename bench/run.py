@@ -56,6 +56,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import asyncpg
 from overload import Settings as OverloadSettings
 from overload import overload_section, replace_section, run_overload
+from overload import settings_from_environment as overload_settings_from_environment
 from pgwire import WireCounter
 from profile_summary import summarise_profile
 
@@ -1166,7 +1167,7 @@ def parse_options() -> Options:
 
 
 def overload_settings(options: Options) -> OverloadSettings:
-    return OverloadSettings(
+    return overload_settings_from_environment(
         options.overload_rounds, options.seconds, options.warmup, options.connections,
         options.threads, WRK_ENV,
     )  # fmt: skip
