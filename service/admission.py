@@ -175,6 +175,7 @@ class Admission:
             self.shedding = False
 
     def hold(self) -> float:
-        """Seconds to hold the next refusal: `refusal_delay`, give or take half of it at random,
-        so that clients refused in the same instant do not all come back in the same instant."""
-        return self.refusal_delay * (0.5 + random.random())  # noqa: S311 (spread, not a secret)
+        """Seconds to hold the next refusal: `refusal_delay`, give or take a quarter of it at
+        random, so that clients refused in the same instant do not all come back in the same
+        instant (and the longest hold stays well below a 2 s client timeout)."""
+        return self.refusal_delay * (0.75 + random.random() / 2)  # noqa: S311 (spread, not secret)
