@@ -31,7 +31,13 @@ end
 -- Latencies as counts in buckets 1 % wide (bucket k holds e^(k/100) microseconds); globals, so
 -- that done() can read every thread's with thread:get().
 answered, refused = {}, {}
-answered_count, refused_count, other_count = 0, 0, 0
+answered_count, refused_count, other_count, late_count = 0, 0, 0, 0
+-- Requests sent and not answered yet, by id: their send times (a global, for done()).
+sent_at = {}
+-- A client timeout: a request answered after BENCH_TIMEOUT_SECONDS, or not answered at all. (wrk's
+-- own count is of connections whose last request began that long ago, every two seconds: it
+-- counts a connection waiting out a Retry-After, or between two requests, as timed out.)
+local timeout_us = tonumber(os.getenv("BENCH_TIMEOUT_SECONDS") or "2") * 1e6
 
 local function record(histogram, us)
    local bucket = math.floor(math.log(math.max(us, 1)) * 100)
@@ -39,7 +45,7 @@ local function record(histogram, us)
 end
 
 local workload_request = request
-local sent_at, sequence = {}, 0
+local sequence = 0
 local warmup_us = tonumber(os.getenv("BENCH_WARMUP_SECONDS") or "0") * 1e6
 local counting_from = nil
 
@@ -53,7 +59,8 @@ function request()
    sequence = sequence + 1
    local id = "bench-" .. (thread_number or 0) .. "-" .. sequence
    local raw = workload_request()
-   sent_at[id] = now_us()
+   -- The first thread's first request is wrk's own check of the script, never sent.
+   if sequence > 1 or thread_number ~= 1 then sent_at[id] = now_us() end
    -- After the request line: "GET /items?… HTTP/1.1\r\nX-Request-ID: …\r\n…"
    return (raw:gsub("\r\n", "\r\nX-Request-ID: " .. id .. "\r\n", 1))
 end
@@ -70,6 +77,7 @@ function response(status, headers, body)
    elseif started then
       sent_at[id] = nil
       local us = now - started
+      if us > timeout_us then late_count = late_count + 1 end
       if status < 300 then
          answered_count = answered_count + 1
          record(answered, us)
@@ -137,15 +145,27 @@ local function summed(name)
    return total
 end
 
+local function unanswered()
+   -- Requests still waiting for an answer at the end, longer than the timeout already.
+   local count, now = 0, now_us()
+   for _, thread in ipairs(threads) do
+      for _, started in pairs(thread:get("sent_at")) do
+         if now - started > timeout_us then count = count + 1 end
+      end
+   end
+   return count
+end
+
 function done(summary, latency, requests)
    local e = summary.errors
    local ok, no = merged("answered"), merged("refused")
    io.write(string.format(
       'BENCH_RESULT {"requests":%d,"duration_us":%d,"connect_errors":%d,"read_errors":%d,' ..
       '"write_errors":%d,"status_errors":%d,"timeouts":%d,"answered":%d,"refused":%d,' ..
-      '"other":%d,"answered_p50_us":%d,"answered_p99_us":%d,"answered_max_us":%d,' ..
-      '"refused_p50_us":%d}\n',
+      '"other":%d,"client_timeouts":%d,"answered_p50_us":%d,"answered_p99_us":%d,' ..
+      '"answered_max_us":%d,"refused_p50_us":%d,"refused_max_us":%d}\n',
       summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
       summed("answered_count"), summed("refused_count"), summed("other_count"),
-      percentile(ok, 0.50), percentile(ok, 0.99), percentile(ok, 1.0), percentile(no, 0.50)))
+      summed("late_count") + unanswered(), percentile(ok, 0.50), percentile(ok, 0.99),
+      percentile(ok, 1.0), percentile(no, 0.50), percentile(no, 1.0)))
 end
