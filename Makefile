@@ -54,8 +54,10 @@ rehearse: $(STAMP)
 	$(BIN)/python -m tests.rehearse.run
 
 # The service (1 and 2 workers) against a bare ASGI + asyncpg baseline under wrk, interleaved
-# rounds on one embedded PostgreSQL, then overload rounds and profiles; about 13 minutes; writes
-# bench/RESULTS.md.
+# rounds on one embedded PostgreSQL, then the overload section (bench/overload.py: reads and
+# batches at 1, 4 and 16 times -c64, two kinds of clients) and profiles; about 20 minutes; writes
+# bench/RESULTS.md. `.venv/bin/python bench/run.py --only-overload` runs the overload section alone
+# (about 6 minutes) and replaces it in bench/RESULTS.md.
 bench: $(STAMP) .venv-bench/.installed
 	$(BIN)/python bench/run.py
 
