@@ -77,8 +77,11 @@ class Admission:
     (its connections divided by the mean hold of the last interval, times the target), so the
     queue holds what the pool serves within the target and no more. (Not the queue's observed
     drain rate: that falls with the queue admission allows, and the two would chase each other
-    down.) It stops once an interval has passed
-    without such a refusal (the demand fell back below the capacity). At most `max_in_flight`
+    down.) It stops once no request has been refused for as long as the refused ones take to
+    come back (`refusal_delay`, then `Retry-After`) and an interval more: the demand has fallen
+    back below the capacity. (Stopping after a quieter interval, it began again 2 or 3 times a
+    second under clients that wait out Retry-After: they come back together, and the queue
+    overshot the target each time before shedding could begin again.) At most `max_in_flight`
     admitted requests are in progress at once, whatever the queue says: the last resort, for a
     flood faster than an interval. `target` 0 turns shedding off.
     """
@@ -97,6 +100,8 @@ class Admission:
         self.interval = interval
         self.max_in_flight = max_in_flight
         self.refusal_delay = refusal_delay
+        # No refusal for this long, and the demand is below the capacity (see the docstring).
+        self.calm = refusal_delay + float(RETRY_AFTER_SECONDS) + interval
         self.record_wait = record_wait  # the queue delay histogram
         self.clock = clock
         self.queue: Queue | None = None  # the primary's session pool, once the lifespan made it
@@ -170,8 +175,8 @@ class Admission:
         self.in_flight -= 1
 
     def settle(self) -> None:
-        """Stop shedding if no request has found the queue full for an interval."""
-        if self.shedding and self.clock() - self._full_at >= self.interval:
+        """Stop shedding if no request has found the queue full for `calm` seconds."""
+        if self.shedding and self.clock() - self._full_at >= self.calm:
             self.shedding = False
 
     def hold(self) -> float:

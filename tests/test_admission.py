@@ -94,7 +94,7 @@ def test_a_standing_queue_is_cut_to_what_the_pool_serves_within_the_target() -> 
     assert b"wait longer than 20 ms" in refusal.body
 
 
-def test_shedding_ends_once_an_interval_passes_without_a_refusal() -> None:
+def test_shedding_ends_once_refused_clients_could_have_come_back_and_were_not_refused() -> None:
     clock = Clock()
     admitting = admission(clock)
     queue = admitting.queue
@@ -104,9 +104,11 @@ def test_shedding_ends_once_an_interval_passes_without_a_refusal() -> None:
     queue.waiting = 500
     assert admitting.admit() is not None
     queue.waiting = 3  # the demand falls below the capacity
-    clock.now += INTERVAL / 2
-    assert admitting.admit() is None and admitting.shedding  # not an interval yet
-    clock.now += INTERVAL / 2 + 0.001
+    # The refusal delay (1 s), Retry-After (1 s) and an interval: 2.1 s without a refusal.
+    assert admitting.calm == pytest.approx(2.1)
+    clock.now += 2.0
+    assert admitting.admit() is None and admitting.shedding  # refused clients may be on their way
+    clock.now += 0.101
     assert admitting.admit() is None and not admitting.shedding
     queue.waiting = 500
     assert admitting.admit() is None  # a new burst is absorbed again

@@ -167,7 +167,8 @@ async def test_a_burst_is_absorbed_and_a_standing_queue_is_cut_to_the_target(
         prober.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await prober
-        await asyncio.sleep(2 * INTERVAL_MS / 1000)  # an interval without refusals
+        # As long as refused clients take to come back (the delay, Retry-After), and an interval.
+        await asyncio.sleep(1.25 * REFUSAL_DELAY_MS / 1000 + 1 + INTERVAL_MS / 1000 + 0.5)
         metrics = (await client.get("/metrics")).text
     # The same load on the same service queueing everything: its pool is never idle, so what it
     # answers is the capacity under this load (the proxy shares the test's CPU with the clients).
