@@ -8,9 +8,9 @@ when the queue delay has stayed above its target for a whole interval, so a burs
 within the interval is absorbed and a queue that does not drain is cut back to the target.
 
 A refusal costs next to nothing (a precomputed 503, before routing or reading a body) and is held
-for `refusal_delay` seconds before it is sent: a client that sends again as soon as it is
-answered, as most do, is then refused at most once per `refusal_delay` per connection, instead of
-in a loop as fast as the event loop can answer, which took the core from the admitted requests.
+about `refusal_delay` seconds before it is sent: a client that sends again as soon as it is
+answered, as most do, is then refused about once per `refusal_delay` per connection, instead of in
+a loop as fast as the event loop can answer, which took the core from the admitted requests.
 """
 
 from __future__ import annotations
@@ -41,10 +41,6 @@ class Queue(Protocol):
     @property
     def waiting(self) -> int:
         """Requests waiting for a connection now."""
-        ...  # pragma: no cover
-
-    def queue_delay(self) -> float:
-        """How long the oldest request waiting for a connection has waited so far, in seconds."""
         ...  # pragma: no cover
 
 

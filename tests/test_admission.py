@@ -29,10 +29,6 @@ class Queue:
 
     size: int = POOL
     waiting: int = 0
-    delay: float = 0.0
-
-    def queue_delay(self) -> float:
-        return self.delay
 
 
 def admission(clock: Clock, **overrides: float) -> Admission:
