@@ -68,10 +68,12 @@ rehearse: $(STAMP)
 	$(BIN)/python -m tests.rehearse.run
 
 # The service (1 and 2 workers) against a bare ASGI + asyncpg baseline under wrk, interleaved
-# rounds on one embedded PostgreSQL, then overload rounds, the production path (PgBouncer 1.24.1
+# rounds on one embedded PostgreSQL, then the overload section (bench/overload.py: reads and
+# batches at 1, 4 and 16 times -c64, two kinds of clients), the production path (PgBouncer 1.24.1
 # in both pooler modes, database round trips of 1 and 4 ms; tests/build-pgbouncer.sh builds it
-# once) and profiles; about 24 minutes; writes bench/RESULTS.md. Only the production path:
-# .venv/bin/python bench/run.py --only-production (about 11 minutes).
+# once), tracing's cost and profiles; about 35 minutes; writes bench/RESULTS.md. One section
+# alone: .venv/bin/python bench/run.py --only-overload (about 6 minutes), --only-production
+# (about 11), --only-tracing.
 bench: $(STAMP) .venv-bench/.installed
 	$(BIN)/python bench/run.py
 

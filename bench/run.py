@@ -59,6 +59,9 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import asyncpg
 import production
+from overload import Settings as OverloadSettings
+from overload import overload_section, replace_section, run_overload
+from overload import settings_from_environment as overload_settings_from_environment
 from pgwire import WireCounter
 from profile_summary import summarise_profile
 from tracing import measure_tracing, tracing_section
@@ -122,20 +125,6 @@ SERVICE_REPLICA = Target(
     1,
     reads_from_replica=True,
 )
-# For the overload rounds: the service as shipped, and without its in-flight limit.
-UNLIMITED = Target(
-    "service-1-unlimited",
-    "service, 1 worker, MAX_IN_FLIGHT=1000000 (no shedding)",
-    "service",
-    1,
-    env=(("MAX_IN_FLIGHT", "1000000"),),
-)
-# (server, clients): "overload" clients wait out a 503's Retry-After, "read" clients retry at once.
-OVERLOAD_PLAN = ((SERVICE_1, "overload"), (SERVICE_1, "read"), (UNLIMITED, "read"))
-CLIENTS = {
-    "overload": "clients that wait out Retry-After",
-    "read": "clients that retry at once (plain wrk)",
-}
 
 
 @dataclass
@@ -152,11 +141,11 @@ class Options:
     pool_size: int | None
     profile: bool
     overload_rounds: int
-    overload_connections: int
     database_url: str | None
     keyed_rounds: int = 0
     tracing_rounds: int = 0
     only_tracing: bool = False  # the tracing rounds alone, reported in their own file
+    only_overload: bool = False  # --only-overload: bench/overload.py's section alone
     replica_url: str | None = None  # set once the replica is up, for SERVICE_REPLICA
     # The embedded replica, started only for SERVICE_REPLICA's servers (None: an external one).
     replica: BenchReplica | None = None
@@ -585,62 +574,6 @@ def measure(
     }
 
 
-def status_counts(server: Server) -> collections.Counter[str]:
-    """The service's own count of answers by status, from its metrics (one worker)."""
-    counts: collections.Counter[str] = collections.Counter()
-    status, body = http_request(server.port, "GET", "/metrics")
-    if status != 200:
-        return counts
-    for line in body.decode().splitlines():
-        if line.startswith("http_requests_total{"):
-            labels, value = line.rsplit(" ", 1)
-            code = labels.split('status="', 1)[1].split('"', 1)[0]
-            counts[code] += int(float(value))
-    return counts
-
-
-def measure_overload(
-    options: Options, server: Server, round_number: int, script: str
-) -> dict[str, Any]:
-    """The read load at --overload-connections, against a pool of DB_POOL_SIZE connections.
-
-    `script` is "read" (clients that retry at once, as wrk does) or "overload" (the same reads
-    from clients that wait the Retry-After a 503 gives them).
-    """
-    connections = options.overload_connections
-    run_wrk(options, script, server.port, options.warmup, connections)
-    before = status_counts(server)
-    started = time.monotonic()
-    cpu_before = tree_ticks(server.pid)
-    result = run_wrk(options, script, server.port, options.seconds, connections)
-    wall = time.monotonic() - started
-    cpu = (tree_ticks(server.pid) - cpu_before) / CLOCK_TICKS / wall
-    answered = status_counts(server) - before
-    seconds = result["duration_us"] / 1e6
-    refused = answered.get("503", 0)
-    other = sum(n for code, n in answered.items() if code not in ("200", "503"))
-    return {
-        "round": round_number,
-        "target": server.target.key,
-        "clients": script,
-        "requests": result["requests"],
-        "ok_rps": (result["requests"] - result["status_errors"]) / seconds,
-        "refused_rps": refused / seconds,
-        "p50_ms": result["p50_us"] / 1000,
-        "accepted_p99_ms": result["accepted_p99_us"] / 1000,
-        "p99_ms": result["p99_us"] / 1000,
-        "max_ms": result["max_us"] / 1000,
-        "timeouts": result["timeouts"],
-        # Socket errors, timeouts, and any answer other than 200 or a shedding 503.
-        "errors": result["connect_errors"]
-        + result["read_errors"]
-        + result["write_errors"]
-        + result["timeouts"]
-        + other,
-        "server_cpu": cpu,
-    }
-
-
 def read_path(rng: random.Random) -> str:
     return f"/items?min_value={rng.random() * MAX_VALUE:.2f}&limit=20"
 
@@ -844,40 +777,6 @@ def results_table(
                 f"| {fmt(row['rps_per_server_core'])} "
                 f"| {fmt(1000 / row['rps_per_server_core'], 2)} |"
             )
-    return lines
-
-
-def overload_table(
-    overload: list[dict[str, Any]],
-    summary: dict[tuple[str, str], dict[str, Any]],
-    options: Options,
-) -> list[str]:
-    if not overload:
-        return ["(not run)"]
-    normal = summary.get((SERVICE_1.key, "read"))
-    reference = normal["p99_ms"] if normal else None
-    lines = [
-        f"| server | clients | answered 200/s | shed 503/s | p50 ms | accepted p99 ms "
-        f"| accepted p99 ÷ p99 at -c{options.connections} | slowest ms | errors "
-        "| server CPU (cores) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for target, clients in OVERLOAD_PLAN:
-        runs = [r for r in overload if r["target"] == target.key and r["clients"] == clients]
-        if not runs:
-            continue
-
-        def median(key: str, runs: list[dict[str, Any]] = runs) -> float:
-            return float(statistics.median(r[key] for r in runs))
-
-        ratio = f"{median('accepted_p99_ms') / reference:.2f}" if reference else "n/a"
-        lines.append(
-            f"| {target.label} | {CLIENTS[clients]} | {fmt(median('ok_rps'))} "
-            f"| {fmt(median('refused_rps'))} "
-            f"| {fmt(median('p50_ms'), 1)} | {fmt(median('accepted_p99_ms'), 1)} | {ratio} "
-            f"| {fmt(max(r['max_ms'] for r in runs), 0)} | {sum(r['errors'] for r in runs)} "
-            f"| {fmt(median('server_cpu'), 2)} |"
-        )
     return lines
 
 
@@ -1133,17 +1032,7 @@ def write_results(
         "errors, one round trip per read, a read's CPU in the service at most 0.5 ms (the "
         "last column).",
         "",
-        "## Overload",
-        "",
-        f"The read load at -c{options.overload_connections} against one worker with a pool of "
-        f"{options.pool_size or 10}, {options.overload_rounds} rounds, medians: the service as "
-        "shipped (MAX_IN_FLIGHT defaults to 8 per pooled connection) sheds the excess with "
-        '503 + Retry-After; the same service without the limit queues it. "accepted p99" is '
-        "the 99th percentile of the answered (200) requests alone, as wrk saw them; errors are "
-        "socket errors, timeouts (5 s) and answers other than 200 or a shedding 503.",
-        "",
-        *overload_table(overload, summary, options),
-        "",
+        *overload_report(options, overload),
         "## How the two cores were shared",
         "",
         "CPU time during the measured runs, in cores (CPU seconds per second of wall time), "
@@ -1239,10 +1128,14 @@ def parse_options() -> Options:
     parser.add_argument(
         "--overload-rounds",
         type=int,
-        default=int(env("BENCH_OVERLOAD_ROUNDS", "3")),
-        help="rounds of the read load at --overload-connections (0: none)",
+        default=int(env("BENCH_OVERLOAD_ROUNDS", "2")),
+        help="rounds of bench/overload.py's section (0: none)",
     )
-    parser.add_argument("--overload-connections", type=int, default=256)
+    parser.add_argument(
+        "--only-overload",
+        action="store_true",
+        help="run only the overload section and replace it in --output",
+    )
     parser.add_argument(
         "--keyed-rounds",
         type=int,
@@ -1303,10 +1196,42 @@ def parse_options() -> Options:
         keyed_rounds=args.keyed_rounds,
         tracing_rounds=args.tracing_rounds,
         only_tracing=args.only_tracing,
-        overload_connections=args.overload_connections,
+        only_overload=args.only_overload,
         database_url=env("BENCH_DATABASE_URL") or None,
         production=production.settings_from(args),
     )
+
+
+def overload_settings(options: Options) -> OverloadSettings:
+    return overload_settings_from_environment(
+        options.overload_rounds, options.seconds, options.warmup, options.connections,
+        options.threads, WRK_ENV,
+    )  # fmt: skip
+
+
+def measure_overload(options: Options, database: Database) -> list[dict[str, Any]]:
+    """bench/overload.py's rounds, on servers started as every other round's are."""
+
+    def start(env: tuple[tuple[str, str], ...], tag: str) -> Server:
+        return Server(Target(SERVICE_1.key, SERVICE_1.label, "service", 1, env=env),
+                      database.url, options, tag)  # fmt: skip
+
+    return run_overload(
+        overload_settings(options), start, lambda pid: tree_ticks(pid) / CLOCK_TICKS
+    )
+
+
+def overload_report(options: Options, rows: list[dict[str, Any]]) -> list[str]:
+    return overload_section(rows, overload_settings(options), options.pool_size or 10)
+
+
+def overload_only(options: Options, database: Database) -> int:
+    """--only-overload: the overload section alone, put in place of the report's."""
+    section = overload_report(options, measure_overload(options, database))
+    replace_section(options.output, section)
+    print("\n".join(section))
+    print(f"\nthe overload section of {options.output} is replaced")
+    return 0
 
 
 def main() -> int:
@@ -1321,6 +1246,8 @@ def main() -> int:
     prepare_database(database)
     if options.production and options.production.only:
         return production.main_only(sys.modules[__name__], options, database)
+    if options.only_overload:
+        return overload_only(options, database)
     with contextlib.ExitStack() as cleanup:
         if any(t.reads_from_replica for t in options.targets):
             options.replica_url, options.replica = start_replica(database, cleanup)
@@ -1478,20 +1405,7 @@ def run_everything(
                         flush=True,
                     )
 
-    overload: list[dict[str, Any]] = []
-    overload_plan = OVERLOAD_PLAN if SERVICE_1 in options.targets else ()
-    for number in range(1, options.overload_rounds + 1 if overload_plan else 1):
-        order = overload_plan if number % 2 else overload_plan[::-1]
-        for target, clients in order:
-            with Server(target, database.url, options, "overload") as server:
-                row = measure_overload(options, server, number, clients)
-                overload.append(row)
-                print(
-                    f"overload {number} {target.key:20} {clients:8} {row['ok_rps']:7.0f} ok/s "
-                    f"{row['refused_rps']:7.0f} shed/s accepted p99 "
-                    f"{row['accepted_p99_ms']:7.1f} ms errors {row['errors']}",
-                    flush=True,
-                )
+    overload = measure_overload(options, database) if SERVICE_1 in options.targets else []
 
     keyed = measure_idempotency_keys(options, database) if SERVICE_1 in options.targets else []
     traced = tracing_rounds(options, database)

@@ -19,6 +19,7 @@ from litestar.types import ASGIApp
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from service.admission import Admission
 from service.auth import token_digests
 from service.config import (
     Settings,
@@ -84,7 +85,10 @@ def create_served_app() -> Litestar:
 
 
 def session_pool(
-    settings: Settings, metrics: Metrics, session_class: type[LeasedSession] = LeasedSession
+    settings: Settings,
+    metrics: Metrics,
+    session_class: type[LeasedSession] = LeasedSession,
+    admission: Admission | None = None,
 ) -> SessionPool:
     """Long-lived sessions on a new engine for `settings`' database (the primary's or the
     replica's), with the configured pool size, waits, recycling and deadline.
@@ -102,8 +106,20 @@ def session_pool(
         idle_seconds=settings.db_pool_idle_timeout,
         deadline_seconds=lease_deadline_seconds(settings),
         transactional=settings.prepares_per_transaction,
-        observe_wait=metrics.pool_wait.observe,
+        observe_wait=admission.observe_wait if admission else metrics.pool_wait.observe,
+        observe_hold=admission.observe_hold if admission else lambda seconds: None,
         session_class=session_class,
+    )
+
+
+def create_admission(settings: Settings, metrics: Metrics) -> Admission:
+    """Admission by the primary pool's queue delay, with the configured target and limits."""
+    return Admission(
+        target=settings.admission_target_ms / 1000,
+        interval=settings.admission_interval_ms / 1000,
+        max_in_flight=settings.in_flight_limit,
+        refusal_delay=settings.admission_refusal_delay_ms / 1000,
+        record_wait=metrics.pool_wait.observe,
     )
 
 
@@ -182,6 +198,7 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
     metrics = Metrics(state)
     state.metrics = metrics
     tracing = start_tracing_if_configured(settings)
+    admission = state.admission = create_admission(settings, metrics)
 
     @asynccontextmanager
     async def engine_lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -189,7 +206,10 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
         # With tracing, the request sessions make the statements' spans (the probes' and the
         # migrations' engines stay out of it).
         session_class = tracing.session_class if tracing is not None else LeasedSession
-        sessions = session_pool(settings, metrics, session_class)
+        # Every write, and every read without a replica, waits in this pool's queue: admission
+        # follows its delay (a replica's reads fall back to it when the replica is busy).
+        sessions = session_pool(settings, metrics, session_class, admission)
+        admission.queue = sessions
         engine = sessions.engine
         app.state.replica = await start_replica(settings, metrics, session_class)
         if settings.server_timing:
@@ -261,7 +281,7 @@ def create_app(settings: Settings | None = None, *, freeze_after_start: bool = F
             state=state,
             metrics=metrics,
             access_log=AccessLog(settings.access_log, settings.log_format, settings.log_level),
-            max_in_flight=settings.in_flight_limit,
+            admission=admission,
             tracing=tracing,
             server_timing=settings.server_timing,
         ),

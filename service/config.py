@@ -40,6 +40,9 @@ RANDOM_RECIPE = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 # How much longer than the server's statement_timeout the client waits for an answer, and a
 # request may hold a pooled connection (service.db's lease deadline).
 CLIENT_TIMEOUT_MARGIN_SECONDS = 1.0
+# MAX_IN_FLIGHT's default per pooled connection: far above the queue that admission keeps, so
+# that only a flood faster than an admission interval meets it.
+IN_FLIGHT_PER_CONNECTION = 32
 
 
 class SettingsError(ValueError):
@@ -133,7 +136,18 @@ class Settings:
     tracing: bool = False
     # A Server-Timing header (database and total milliseconds) on the /items answers.
     server_timing: bool = False
-    # Requests to /items in progress at once per process, the excess answered 503; 0: see below.
+    # Milliseconds of queue delay for a database connection that admission keeps a standing
+    # queue to: the excess is refused with 503 once no request got a connection within it for
+    # ADMISSION_INTERVAL_MS (service.admission); 0 turns this shedding off.
+    admission_target_ms: Annotated[int, Meta(ge=0, le=60_000)] = 20
+    # Milliseconds the queue delay must stay above the target before requests are refused:
+    # bursts that drain within it are absorbed. At least ADMISSION_TARGET_MS.
+    admission_interval_ms: Annotated[int, Meta(ge=1, le=60_000)] = 100
+    # Milliseconds a refused request is held before its 503 is sent, so a client that sends
+    # again at once is refused at most this often per connection, not in a busy loop.
+    admission_refusal_delay_ms: Annotated[int, Meta(ge=0, le=10_000)] = 1000
+    # Admitted requests to /items in progress at once per process, the excess refused whatever
+    # the queue delay (the last resort against a flood); 0: see in_flight_limit.
     max_in_flight: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
     # Data folder of the embedded development database.
     embedded_db_dir: Path = Path(".data/postgres")
@@ -141,7 +155,9 @@ class Settings:
     @property
     def in_flight_limit(self) -> int:
         """MAX_IN_FLIGHT, or its default derived from the pool."""
-        return self.max_in_flight or 8 * (self.db_pool_size + self.db_max_overflow)
+        return self.max_in_flight or IN_FLIGHT_PER_CONNECTION * (
+            self.db_pool_size + self.db_max_overflow
+        )
 
     @property
     def pooler(self) -> PoolerMode:
@@ -231,6 +247,7 @@ def load_settings(
     settings = _convert(values, Settings, str.upper)
     _check_tokens(settings.api_tokens)
     _check_consistency_wait(settings)
+    _check_admission(settings)
     return settings
 
 
@@ -298,6 +315,25 @@ def _check_consistency_wait(settings: Settings) -> None:
             f"{settings.read_consistency_wait_ms} must be below DB_STATEMENT_TIMEOUT_MS + "
             f"{CLIENT_TIMEOUT_MARGIN_SECONDS * 1000:.0f} ({deadline_ms:.0f}), the longest a read "
             "may hold a connection; lower it or raise DB_STATEMENT_TIMEOUT_MS",
+        )
+
+
+def _check_admission(settings: Settings) -> None:
+    """Refuse an admission target that could never act: one at or beyond the pool's own timeout
+    (a request is answered 503 by the pool first), or longer than the interval it must hold."""
+    target_ms = settings.admission_target_ms
+    if target_ms >= settings.db_pool_timeout * 1000:
+        raise SettingsError(
+            "ADMISSION_TARGET_MS",
+            f"{target_ms} must be below DB_POOL_TIMEOUT ({settings.db_pool_timeout:g} s), the "
+            "longest a request waits for a connection anyway; lower it",
+        )
+    if target_ms > settings.admission_interval_ms:
+        raise SettingsError(
+            "ADMISSION_TARGET_MS",
+            f"{target_ms} must be at most ADMISSION_INTERVAL_MS "
+            f"({settings.admission_interval_ms}): the queue delay must stay above the target "
+            "for an interval before requests are refused; raise the interval too",
         )
 
 

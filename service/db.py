@@ -326,6 +326,7 @@ class SessionPool:
         transactional: bool,
         observe_wait: Callable[[float], None] = lambda seconds: None,
         session_class: type[LeasedSession] = LeasedSession,
+        observe_hold: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.engine = engine
         self.timeout = timeout
@@ -337,8 +338,11 @@ class SessionPool:
         self.deadline_seconds = deadline_seconds
         # Behind a transaction-mode pooler reads run in a transaction too, which a lease ends.
         self.transactional = transactional
+        # Told each request's wait for a session (or until it gave up), and how long each lease
+        # held its session: what service.admission follows.
         self.observe_wait = observe_wait
         self.session_class = session_class  # service.tracing's, to make statements spans
+        self.observe_hold = observe_hold
         # Popped from the right, where regular slots are given back; overflow slots go back on
         # the left, so they are used only while every regular slot is busy, and light traffic
         # after a burst runs on the regular slots' open connections.
@@ -390,6 +394,28 @@ class SessionPool:
     def checked_out(self) -> int:
         """Sessions leased to requests right now."""
         return len(self._slots) - len(self._idle)
+
+    @property
+    def size(self) -> int:
+        """Sessions the pool can lease at once (its size and overflow)."""
+        return len(self._slots)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a session right now (with, for an instant, any that just gave
+        up: they leave the line when the next session is handed over)."""
+        return len(self._waiters)
+
+    def queue_delay(self) -> float:
+        """How long the oldest request still waiting for a session has waited so far (0: none).
+
+        In a first-come-first-served line that is about the wait a request joining now can
+        expect, measured rather than estimated (service.admission sheds by it).
+        """
+        for expiry, waiter in self._waiters:
+            if not waiter.done():  # given up or served in this instant: the next one tells
+                return asyncio.get_running_loop().time() - (expiry - self.timeout)
+        return 0.0
 
     @property
     def connections(self) -> int:
@@ -454,7 +480,8 @@ class SessionPool:
         now = loop.time()
         waiters = self._waiters
         while waiters and (waiters[0][0] <= now or waiters[0][1].done()):
-            _expire(waiters.popleft()[1], self.timeout)
+            if _expire(waiters.popleft()[1], self.timeout):
+                self.observe_wait(self.timeout)
         self._waiter_expiry = loop.call_at(waiters[0][0], self._expire_waiters) if waiters else None
 
     def _release(self, slot: _Slot) -> None:
@@ -554,12 +581,13 @@ class SessionPool:
                 await connection.invalidate()
 
 
-def _expire(waiter: asyncio.Future[_Slot], timeout: float) -> None:
-    """Fail a waiter for a session that is still waiting after `timeout` seconds."""
-    if not waiter.done():
-        waiter.set_exception(
-            PoolTimeout(f"no database connection became free within {timeout:g} s")
-        )
+def _expire(waiter: asyncio.Future[_Slot], timeout: float) -> bool:
+    """Fail a waiter for a session that is still waiting after `timeout` seconds; True if it
+    was still waiting."""
+    if waiter.done():
+        return False
+    waiter.set_exception(PoolTimeout(f"no database connection became free within {timeout:g} s"))
+    return True
 
 
 class _Lease:
@@ -585,8 +613,8 @@ class _Lease:
         except BaseException:
             pool._release(slot)
             raise
+        self.started = asyncio.get_running_loop().time()
         if pool.deadline_seconds:
-            self.started = asyncio.get_running_loop().time()
             pool._watch(self)
         return session
 
@@ -605,6 +633,7 @@ class _Lease:
         pool, slot = self.pool, self.slot
         assert slot is not None and slot.session is not None  # noqa: S101 (set on enter)
         pool._leases.discard(self)
+        pool.observe_hold(asyncio.get_running_loop().time() - self.started)
         try:
             if error is not None or self.expired:
                 await pool._recover(slot)

@@ -1,5 +1,5 @@
-"""Prometheus metrics: HTTP requests by route template and status, in-flight, the pools, the
-read replica, whether the database answers, idempotent replays."""
+"""Prometheus metrics: HTTP requests by route template and status, in-flight, admission, the
+pools, the read replica, whether the database answers, idempotent replays."""
 
 from __future__ import annotations
 
@@ -20,11 +20,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from service.admission import Admission
 from service.db import SessionPool
 from service.health import Readiness
 from service.replica import Replica
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# The queue delay admission follows: finer around its target (ADMISSION_TARGET_MS, 20 ms).
+QUEUE_DELAY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -49,6 +52,7 @@ class PoolCollector(Collector):
             ),
             ("db_pool_checked_out", "Connections in use by requests.", sessions.checked_out),
             ("db_pool_checked_in", "Open connections waiting for a request.", sessions.checked_in),
+            ("db_pool_waiting", "Requests waiting for a connection.", sessions.waiting),
             (
                 "db_pool_overflow",
                 "Connections open beyond the pool size.",
@@ -118,6 +122,64 @@ class DatabaseCollector(Collector):
         )
 
 
+class AdmissionCollector(Collector):
+    """Admission's state and refusals (service.admission), read at scrape time."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        admission: Admission | None = self.state.get("admission")
+        if admission is None:
+            return
+        admission.settle()  # a scrape after the load has gone sees it gone
+        sessions: SessionPool | None = self.state.get("sessions")
+        refusals = CounterMetricFamily(
+            "admission_refusals",
+            "Requests to /items refused with 503 before any work, by reason: queue_delay (the "
+            "queue for a connection stood above ADMISSION_TARGET_MS), in_flight_limit "
+            "(MAX_IN_FLIGHT admitted requests were in progress).",
+            labels=("reason",),
+        )
+        for reason, count in admission.refusals.items():
+            refusals.add_metric([reason], count)
+        yield refusals
+        yield CounterMetricFamily(
+            "admission_sheds",
+            "Times the queue delay stood above the target for an interval and shedding began.",
+            value=admission.sheds,
+        )
+        for name, doc, value in (
+            (
+                "admission_shedding",
+                "1 while a standing queue is cut back to the target (ADMISSION_TARGET_MS), else 0.",
+                int(admission.shedding),
+            ),
+            (
+                "admission_queue_delay_seconds",
+                "How long the oldest request waiting for a connection has waited, now.",
+                sessions.queue_delay() if sessions is not None else 0.0,
+            ),
+            (
+                "admission_queue_limit",
+                "Waiters the pool serves within the target at its drain rate now: while "
+                "shedding, a request finding this many waiting is refused.",
+                admission.queue_limit,
+            ),
+            (
+                "admission_target_seconds",
+                "The queue delay a standing queue is kept to (ADMISSION_TARGET_MS).",
+                admission.target,
+            ),
+            (
+                "admission_in_flight",
+                "Admitted requests to /items in progress (MAX_IN_FLIGHT bounds it).",
+                admission.in_flight,
+            ),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+
+
 class LoopHistogram(Collector):
     """A Prometheus histogram (with its count and sum) that only the event loop touches.
 
@@ -133,8 +195,10 @@ class LoopHistogram(Collector):
         documentation: str,
         labelnames: tuple[str, ...] = (),
         counter: tuple[str, str] | None = None,
+        buckets: tuple[float, ...] = LATENCY_BUCKETS,
     ) -> None:
         self.name = name
+        self.buckets = buckets
         self.documentation = documentation
         self.labelnames = labelnames
         self.counter = counter  # (name, documentation) of a counter of the same observations
@@ -144,17 +208,17 @@ class LoopHistogram(Collector):
         """Count one observation of `seconds` under these label values."""
         series = self.series.get(labels)
         if series is None:
-            series = self.series[labels] = [0, 0.0, [0] * (len(LATENCY_BUCKETS) + 1)]
+            series = self.series[labels] = [0, 0.0, [0] * (len(self.buckets) + 1)]
         series[0] += 1
         series[1] += seconds
-        series[2][bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        series[2][bisect_left(self.buckets, seconds)] += 1
 
     def collect(self) -> Iterator[Metric]:
         histogram = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         counter = None
         if self.counter is not None:
             counter = CounterMetricFamily(*self.counter, labels=self.labelnames)
-        bounds = [*map(str, LATENCY_BUCKETS), "+Inf"]
+        bounds = [*map(str, self.buckets), "+Inf"]
         for labels, (count, total, buckets) in list(self.series.items()):
             cumulative = list(zip(bounds, accumulate(buckets), strict=True))
             histogram.add_metric(list(labels), cumulative, sum_value=total)
@@ -187,10 +251,14 @@ class Metrics:
             "http_requests_in_flight", "Requests being handled now.", registry=self.registry
         )
         self.in_flight.set_function(lambda: self.requests_in_flight)
+        # The queue delay admission follows (fed through service.admission for the primary).
         self.pool_wait = LoopHistogram(
-            "db_pool_wait_seconds", "Time a request waited for a database connection."
+            "db_pool_wait_seconds",
+            "Time a request waited for a database connection (or until it gave up).",
+            buckets=QUEUE_DELAY_BUCKETS,
         )
         self.registry.register(self.pool_wait)
+        self.registry.register(AdmissionCollector(state))
         self.registry.register(PoolCollector(state))
         self.registry.register(ReplicaCollector(state))
         self.registry.register(DatabaseCollector(state))

@@ -1,28 +1,27 @@
-"""Per-request duties: request id, load shedding, metrics, one access line, response headers,
+"""Per-request duties: request id, admission, metrics, one access line, response headers,
 and when configured a trace span and a Server-Timing header."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
 from itertools import count
 from typing import TYPE_CHECKING
 
-import msgspec
 from litestar.datastructures import State
 from litestar.enums import ScopeType
 from litestar.types import (
     ASGIApp,
     HTTPResponseBodyEvent,
-    HTTPResponseStartEvent,
     Message,
     Receive,
     Scope,
     Send,
 )
 
-from service.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_SECONDS, problem_document
+from service.admission import Admission, Refusal
 from service.logs import AccessLog
 from service.metrics import Metrics
 from service.replica import CONSISTENCY_STATE_KEY
@@ -67,10 +66,10 @@ class ObserveRequests:
     that a request pays for one `send` wrapper here instead of Litestar's per-route middleware
     stack (with its own exception layer) plus a `before_send` hook.
 
-    Requests to /items beyond `max_in_flight` at once are answered 503 with Retry-After at
-    once, without touching the database: past that point more requests in flight only wait
-    longer for a pooled connection, and every client's latency grows with the queue. Probes and
-    metrics are never shed.
+    Requests to /items are taken on or refused by `admission` (service.admission) before
+    anything else is done with them: a refusal is a 503 with Retry-After, encoded once, sent about
+    `admission.refusal_delay` seconds later without routing the request or reading its body.
+    Probes and metrics are never refused.
 
     With `tracing` each request is a server span, its trace id in the access line; with
     `server_timing` the /items answers say how long their statements took, and the whole.
@@ -83,7 +82,7 @@ class ObserveRequests:
         state: State,
         metrics: Metrics,
         access_log: AccessLog,
-        max_in_flight: int,
+        admission: Admission,
         tracing: Tracing | None = None,
         server_timing: bool = False,
     ) -> None:
@@ -93,13 +92,7 @@ class ObserveRequests:
         self.state = state
         self.metrics = metrics
         self.access_log = access_log
-        self.max_in_flight = max_in_flight
-        self.overloaded_body = msgspec.json.encode(
-            problem_document(
-                503,
-                f"the service is at capacity ({max_in_flight} requests in progress); retry shortly",
-            )
-        )
+        self.admission = admission
         # The label values of each (method, route, status) seen, made once.
         self.labels: dict[tuple[str, str, int], tuple[str, str, str]] = {}
 
@@ -142,20 +135,27 @@ class ObserveRequests:
 
         metrics = self.metrics
         metrics.requests_in_flight += 1
-        shed = metrics.requests_in_flight > self.max_in_flight and scope["path"].startswith(
-            "/items"
-        )
+        admission = self.admission
+        refusal: Refusal | None = None
+        admitted = scope["path"].startswith("/items")
+        if admitted:
+            refusal = admission.admit()
+            admitted = refusal is None
         try:
-            if shed:
-                await self._refuse(observed_send)
+            if refusal is not None:
+                await self._refuse(observed_send, refusal)
             else:
                 await self.app(scope, receive, observed_send)
         finally:
+            if admitted:
+                admission.done()
             metrics.requests_in_flight -= 1
             elapsed = time.perf_counter() - started
             method: str = scope["method"]
             # A refused request was never routed: it is counted and logged as route "shed".
-            route: str = "shed" if shed else scope.get("path_template") or "unmatched"
+            route: str = (
+                "shed" if refusal is not None else scope.get("path_template") or "unmatched"
+            )
             key = (method, route, status)
             labels = self.labels.get(key)
             if labels is None:
@@ -171,20 +171,13 @@ class ObserveRequests:
             else:
                 self.access_log.record(method, route, status, elapsed, request_id)
 
-    async def _refuse(self, send: Send) -> None:
-        start: HTTPResponseStartEvent = {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
-                (b"retry-after", RETRY_AFTER_SECONDS.encode()),
-                (b"content-length", str(len(self.overloaded_body)).encode()),
-            ],
-        }
+    async def _refuse(self, send: Send, refusal: Refusal) -> None:
+        if self.admission.refusal_delay:
+            await asyncio.sleep(self.admission.hold())
+        await send(refusal.start())
         body: HTTPResponseBodyEvent = {
             "type": "http.response.body",
-            "body": self.overloaded_body,
+            "body": refusal.body,
             "more_body": False,
         }
-        await send(start)
         await send(body)

@@ -171,6 +171,12 @@ def test_password_never_in_repr_or_str() -> None:
             "OTEL_EXPORTER_OTLP_PROTOCOL",
         ),
         ({"MAX_IN_FLIGHT": "many"}, "MAX_IN_FLIGHT"),
+        ({"ADMISSION_TARGET_MS": "-1"}, "ADMISSION_TARGET_MS"),
+        ({"ADMISSION_TARGET_MS": "2.5"}, "ADMISSION_TARGET_MS"),
+        ({"ADMISSION_TARGET_MS": "150"}, "ADMISSION_TARGET_MS"),  # past the interval
+        ({"ADMISSION_TARGET_MS": "100", "DB_POOL_TIMEOUT": "0.1"}, "ADMISSION_TARGET_MS"),
+        ({"ADMISSION_INTERVAL_MS": "0"}, "ADMISSION_INTERVAL_MS"),
+        ({"ADMISSION_REFUSAL_DELAY_MS": "20000"}, "ADMISSION_REFUSAL_DELAY_MS"),
         ({"DB_POOL_IDLE_TIMEOUT": "0.5"}, "DB_POOL_IDLE_TIMEOUT"),
         ({"API_TOKENS": "short"}, "API_TOKENS"),
         ({"DATABASE_URL": "mysql://u:p@h/db"}, "DATABASE_URL"),
@@ -252,10 +258,19 @@ def test_configured_database_without_tokens_refuses_to_serve() -> None:
 
 
 def test_in_flight_limit_follows_the_pool_unless_set() -> None:
-    assert settings_from({}).in_flight_limit == 80
-    assert settings_from({"DB_POOL_SIZE": "4", "DB_MAX_OVERFLOW": "1"}).in_flight_limit == 40
+    assert settings_from({}).in_flight_limit == 320
+    assert settings_from({"DB_POOL_SIZE": "4", "DB_MAX_OVERFLOW": "1"}).in_flight_limit == 160
     assert settings_from({"MAX_IN_FLIGHT": "7"}).in_flight_limit == 7
     assert settings_from({"ACCESS_LOG": "errors"}).access_log == "errors"
+
+
+def test_admission_settings_default_and_can_be_turned_off() -> None:
+    settings = settings_from({})
+    assert (settings.admission_target_ms, settings.admission_interval_ms) == (20, 100)
+    assert settings.admission_refusal_delay_ms == 1000
+    settings = settings_from({"ADMISSION_TARGET_MS": "0", "ADMISSION_REFUSAL_DELAY_MS": "0"})
+    assert (settings.admission_target_ms, settings.admission_refusal_delay_ms) == (0, 0)
+    assert settings_from({"ADMISSION_TARGET_MS": "500", "ADMISSION_INTERVAL_MS": "500"})
 
 
 def test_nothing_configured_means_the_embedded_database() -> None:

@@ -153,10 +153,10 @@ def test_log_records_are_written_by_the_writer_thread_as_json() -> None:
     assert line["message"] == "hello x" and line["level"] == "WARNING"
 
 
-async def test_requests_past_max_in_flight_are_refused_at_once(
+async def test_requests_past_max_in_flight_are_refused_after_the_refusal_delay(
     settings: Settings, engine: AsyncEngine, notebook_rows: None
 ) -> None:
-    settings = dataclasses.replace(settings, max_in_flight=2)
+    settings = dataclasses.replace(settings, max_in_flight=2, admission_refusal_delay_ms=400)
     async with concurrent_client(settings) as client:
         async with row_locked(engine, 5):
             # Two writes wait on the locked row: the service is at its limit.
@@ -169,18 +169,21 @@ async def test_requests_past_max_in_flight_are_refused_at_once(
             await asyncio.sleep(0.5)
             started = time.monotonic()
             refused = await client.get("/items")
-            # At once: well below the 2 s pool timeout a queued request would wait.
-            assert time.monotonic() - started < 1.5
+            # Held about the refusal delay (give or take half), well below the 2 s pool timeout
+            # a queued request would wait.
+            assert 0.2 <= time.monotonic() - started < 1.5
             assert refused.status_code == 503
             assert refused.headers["retry-after"] == "1"
             assert refused.headers["content-type"] == "application/problem+json"
-            assert "at capacity" in refused.json()["detail"]
+            assert "at capacity (2 requests in progress)" in refused.json()["detail"]
             assert "x-request-id" in refused.headers
             # Probes and metrics are never refused.
             assert (await client.get("/healthz")).status_code == 200
             assert (await client.get("/readyz")).status_code == 200
             metrics = (await client.get("/metrics")).text
             assert 'http_requests_total{method="GET",route="shed",status="503"} 1.0' in metrics
+            assert 'admission_refusals_total{reason="in_flight_limit"} 1.0' in metrics
+            assert "admission_in_flight 2.0" in metrics  # the two writes
             assert "http_requests_in_flight 3.0" in metrics  # the two writes and the scrape
         assert [r.status_code for r in await asyncio.gather(*blocked)] == [200, 200]
         assert (await client.get("/items")).status_code == 200

@@ -507,11 +507,14 @@ class TcpProxy:
     afterwards work.
     `silent_from`: bytes that, once a client sends them, make its connection silent from that
     message on (which is not forwarded): the network fails at a chosen statement.
+    `delay`: seconds each answer of the server is held before it is forwarded (a database that
+    far away: every round trip, and so every statement, takes at least that long).
     """
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, delay: float = 0.0) -> None:
         self.upstream_port = upstream_port
         self.port = free_port()
+        self.delay = delay
         self.silent = False
         self.silent_from: bytes | None = None
         self.server: asyncio.Server | None = None
@@ -535,6 +538,8 @@ class TcpProxy:
                     break
                 if client and self.silent_from is not None and self.silent_from in data:
                     self._silenced.add(server_w)
+                if not client and self.delay:
+                    await asyncio.sleep(self.delay)
                 if not self.silent and server_w not in self._silenced:
                     writer.write(data)
                     await writer.drain()

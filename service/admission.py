@@ -1,0 +1,182 @@
+"""Admission: which requests to /items the service takes on, by the delay of its connection queue.
+
+Past its capacity the service can only make requests wait longer for a pooled connection; it
+cannot serve more of them. So a request is refused at the door when the queue it would join is
+already as long as the latency target allows, but only while that queue *stands*: CoDel's rule
+(Nichols and Jacobson, "Controlling Queue Delay"; Facebook, "Fail at Scale"), which sheds only
+when the queue delay has stayed above its target for a whole interval, so a burst that drains
+within the interval is absorbed and a queue that does not drain is cut back to the target.
+
+A refusal costs next to nothing (a precomputed 503, before routing or reading a body) and is held
+about `refusal_delay` seconds before it is sent: a client that sends again as soon as it is
+answered, as most do, is then refused about once per `refusal_delay` per connection, instead of in
+a loop as fast as the event loop can answer, which took the core from the admitted requests.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import msgspec
+from litestar.types import HTTPResponseStartEvent
+
+from service.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_SECONDS, problem_document
+
+QUEUE_DELAY = "queue_delay"  # the queue stood above the target: refused to keep it there
+IN_FLIGHT_LIMIT = "in_flight_limit"  # MAX_IN_FLIGHT admitted requests in progress already
+REASONS = (QUEUE_DELAY, IN_FLIGHT_LIMIT)
+
+
+class Queue(Protocol):
+    """What admission reads of the connection queue (service.db's SessionPool)."""
+
+    @property
+    def size(self) -> int:
+        """Connections it leases at once."""
+        ...  # pragma: no cover
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a connection now."""
+        ...  # pragma: no cover
+
+
+class Refusal:
+    """A 503 with Retry-After and its problem document, encoded once."""
+
+    __slots__ = ("body", "headers", "reason")
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.body = msgspec.json.encode(problem_document(503, detail))
+        self.headers = (
+            (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+            (b"retry-after", RETRY_AFTER_SECONDS.encode()),
+            (b"content-length", b"%d" % len(self.body)),
+        )
+
+    def start(self) -> HTTPResponseStartEvent:
+        """The response's start message (a fresh header list: the middleware appends to it)."""
+        return {"type": "http.response.start", "status": 503, "headers": list(self.headers)}
+
+
+class Admission:
+    """Takes a request to /items on, or refuses it, from what the connection queue measures.
+
+    The pool reports each request's wait for a connection (`observe_wait`) and how long each
+    lease held its connection (`observe_hold`). When no request has got a connection within
+    `target` seconds for `interval` seconds, the queue stands: admission sheds, refusing each
+    request that would join a queue already as long as the pool serves within `target` seconds
+    (its connections divided by the mean hold of the last interval, times the target), so the
+    queue holds what the pool serves within the target and no more. (Not the queue's observed
+    drain rate: that falls with the queue admission allows, and the two would chase each other
+    down.) It stops once no request has been refused for as long as the refused ones take to
+    come back (`refusal_delay`, then `Retry-After`) and an interval more: the demand has fallen
+    back below the capacity. (Stopping after a quieter interval, it began again 2 or 3 times a
+    second under clients that wait out Retry-After: they come back together, and the queue
+    overshot the target each time before shedding could begin again.) At most `max_in_flight`
+    admitted requests are in progress at once, whatever the queue says: the last resort, for a
+    flood faster than an interval. `target` 0 turns shedding off.
+    """
+
+    def __init__(
+        self,
+        *,
+        target: float,
+        interval: float,
+        max_in_flight: int,
+        refusal_delay: float,
+        record_wait: Callable[[float], None] = lambda seconds: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.target = target
+        self.interval = interval
+        self.max_in_flight = max_in_flight
+        self.refusal_delay = refusal_delay
+        # No refusal for this long, and the demand is below the capacity (see the docstring).
+        self.calm = refusal_delay + float(RETRY_AFTER_SECONDS) + interval
+        self.record_wait = record_wait  # the queue delay histogram
+        self.clock = clock
+        self.queue: Queue | None = None  # the primary's session pool, once the lifespan made it
+        self.shedding = False
+        self.in_flight = 0  # admitted requests to /items in progress
+        self.refusals = dict.fromkeys(REASONS, 0)
+        self.sheds = 0  # times shedding began
+        self.mean_hold = 0.0  # seconds a lease held its connection, over the last interval
+        now = clock()
+        self._holds, self._held = 0, 0.0  # leases ended since `_counting_since`, their seconds
+        self._counting_since = now
+        # When a request last got a connection within the target; when the queue was last found
+        # full while shedding (a refusal, or the moment shedding began).
+        self._within_target_at = now
+        self._full_at = 0.0
+        self.by_delay = Refusal(
+            QUEUE_DELAY,
+            "the service is at capacity: requests wait longer than "
+            f"{target * 1000:g} ms for a database connection; retry shortly",
+        )
+        self.by_limit = Refusal(
+            IN_FLIGHT_LIMIT,
+            f"the service is at capacity ({max_in_flight} requests in progress); retry shortly",
+        )
+
+    @property
+    def queue_limit(self) -> float:
+        """The waiters the pool serves within the target, and at least one per connection: with
+        fewer, a connection idles while the next request is on its way, and when a single lease
+        outlasts the target no queue meets it anyway."""
+        if self.queue is None or not self.mean_hold:
+            return float("inf")
+        size = self.queue.size
+        return max(self.target * size / self.mean_hold, size)
+
+    def observe_hold(self, seconds: float) -> None:
+        """A lease held its connection `seconds`."""
+        self._holds += 1
+        self._held += seconds
+
+    def observe_wait(self, seconds: float) -> None:
+        """A request waited `seconds` for a connection (or gave up after that long)."""
+        self.record_wait(seconds)
+        now = self.clock()
+        if now - self._counting_since >= self.interval and self._holds:
+            self.mean_hold = self._held / self._holds
+            self._holds, self._held, self._counting_since = 0, 0.0, now
+        if seconds <= self.target:
+            self._within_target_at = now
+        elif not self.shedding and self.target and now - self._within_target_at >= self.interval:
+            self.shedding = True
+            self.sheds += 1
+            self._full_at = now
+
+    def admit(self) -> Refusal | None:
+        """None, and the request counts as in progress until `done()`; or the refusal to send."""
+        if self.in_flight >= self.max_in_flight:
+            self.refusals[IN_FLIGHT_LIMIT] += 1
+            return self.by_limit
+        if self.shedding and self.queue is not None:
+            if self.queue.waiting >= self.queue_limit:
+                self.refusals[QUEUE_DELAY] += 1
+                self._full_at = self.clock()
+                return self.by_delay
+            self.settle()
+        self.in_flight += 1
+        return None
+
+    def done(self) -> None:
+        """An admitted request has been answered."""
+        self.in_flight -= 1
+
+    def settle(self) -> None:
+        """Stop shedding if no request has found the queue full for `calm` seconds."""
+        if self.shedding and self.clock() - self._full_at >= self.calm:
+            self.shedding = False
+
+    def hold(self) -> float:
+        """Seconds to hold the next refusal: `refusal_delay`, give or take a quarter of it at
+        random, so that clients refused in the same instant do not all come back in the same
+        instant (and the longest hold stays well below a 2 s client timeout)."""
+        return self.refusal_delay * (0.75 + random.random() / 2)  # noqa: S311 (spread, not secret)

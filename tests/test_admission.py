@@ -1,0 +1,145 @@
+"""Admission's rules on a clock and a queue of the test's own: when shedding begins and ends,
+what it refuses, the in-flight limit (tests/faults/test_admission.py runs them on a real process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from service.admission import IN_FLIGHT_LIMIT, QUEUE_DELAY, Admission
+
+TARGET, INTERVAL = 0.020, 0.100
+POOL = 10
+HOLD = 0.002  # each lease holds its connection 2 ms: the pool serves 5,000 a second
+
+
+@dataclasses.dataclass
+class Clock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclasses.dataclass
+class Queue:
+    """A session pool as admission sees it."""
+
+    size: int = POOL
+    waiting: int = 0
+
+
+def admission(clock: Clock, **overrides: float) -> Admission:
+    settings = {"target": TARGET, "interval": INTERVAL, "max_in_flight": 1000}
+    settings.update(overrides)
+    admitting = Admission(
+        target=settings["target"],
+        interval=settings["interval"],
+        max_in_flight=int(settings["max_in_flight"]),
+        refusal_delay=1.0,
+        clock=clock,
+    )
+    admitting.queue = Queue()
+    return admitting
+
+
+def leases(admitting: Admission, clock: Clock, wait: float, seconds: float) -> None:
+    """Requests for `seconds`, each having waited `wait` and then held its connection HOLD."""
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.now += HOLD / POOL
+        admitting.observe_hold(HOLD)
+        admitting.observe_wait(wait)
+
+
+def test_a_queue_above_the_target_for_less_than_an_interval_is_absorbed() -> None:
+    clock = Clock()
+    admitting = admission(clock)
+    leases(admitting, clock, 0.0, 0.2)
+    leases(admitting, clock, 0.5, 0.09)  # a burst: every wait far above the target
+    leases(admitting, clock, 0.001, 0.2)  # then drained
+    assert not admitting.shedding and admitting.sheds == 0
+    assert admitting.queue is not None
+    admitting.queue.waiting = 5000
+    assert admitting.admit() is None
+
+
+def test_a_standing_queue_is_cut_to_what_the_pool_serves_within_the_target() -> None:
+    clock = Clock()
+    admitting = admission(clock)
+    queue = admitting.queue
+    assert isinstance(queue, Queue)
+    leases(admitting, clock, 0.0, 0.2)
+    leases(admitting, clock, 0.030, INTERVAL + 0.001)
+    assert admitting.shedding and admitting.sheds == 1
+    # 10 connections, each lease 2 ms: 100 waiters are served within 20 ms.
+    assert admitting.queue_limit == pytest.approx(TARGET * POOL / HOLD)
+    queue.waiting = 99
+    assert admitting.admit() is None
+    queue.waiting = 100
+    refusal = admitting.admit()
+    assert refusal is not None and refusal.reason == QUEUE_DELAY
+    assert admitting.refusals == {QUEUE_DELAY: 1, IN_FLIGHT_LIMIT: 0}
+    assert admitting.in_flight == 1  # only the admitted one is in progress
+    start = dict(refusal.start())
+    assert start["status"] == 503
+    assert (b"retry-after", b"1") in start["headers"]
+    assert (b"content-type", b"application/problem+json") in start["headers"]
+    assert b"wait longer than 20 ms" in refusal.body
+
+
+def test_shedding_ends_once_refused_clients_could_have_come_back_and_were_not_refused() -> None:
+    clock = Clock()
+    admitting = admission(clock)
+    queue = admitting.queue
+    assert isinstance(queue, Queue)
+    leases(admitting, clock, 0.0, 0.2)
+    leases(admitting, clock, 0.030, INTERVAL + 0.001)
+    queue.waiting = 500
+    assert admitting.admit() is not None
+    queue.waiting = 3  # the demand falls below the capacity
+    # The refusal delay (1 s), Retry-After (1 s) and an interval: 2.1 s without a refusal.
+    assert admitting.calm == pytest.approx(2.1)
+    clock.now += 2.0
+    assert admitting.admit() is None and admitting.shedding  # refused clients may be on their way
+    clock.now += 0.101
+    assert admitting.admit() is None and not admitting.shedding
+    queue.waiting = 500
+    assert admitting.admit() is None  # a new burst is absorbed again
+
+
+def test_one_waiter_per_connection_is_admitted_when_one_lease_outlasts_the_target() -> None:
+    clock = Clock()
+    admitting = admission(clock)
+    for _ in range(100):
+        clock.now += 0.01
+        admitting.observe_hold(0.2)  # 200 ms statements: a single waiter waits past 20 ms
+        admitting.observe_wait(0.1)
+    assert admitting.shedding
+    assert admitting.queue_limit == POOL
+
+
+def test_the_in_flight_limit_refuses_whatever_the_queue() -> None:
+    admitting = admission(Clock(), max_in_flight=2)
+    assert admitting.admit() is None and admitting.admit() is None
+    refusal = admitting.admit()
+    assert refusal is not None and refusal.reason == IN_FLIGHT_LIMIT
+    assert b"2 requests in progress" in refusal.body
+    admitting.done()
+    assert admitting.admit() is None
+    assert admitting.refusals == {QUEUE_DELAY: 0, IN_FLIGHT_LIMIT: 1}
+
+
+def test_a_zero_target_never_sheds() -> None:
+    clock = Clock()
+    admitting = admission(clock, target=0.0)
+    leases(admitting, clock, 1.0, 1.0)
+    assert not admitting.shedding
+
+
+def test_refusals_are_held_about_the_refusal_delay_and_spread() -> None:
+    holds = [admission(Clock()).hold() for _ in range(1000)]
+    assert all(0.75 <= hold <= 1.25 for hold in holds)
+    assert max(holds) - min(holds) > 0.4  # spread, so refused clients do not return together
