@@ -296,6 +296,11 @@ async def test_alerts_fire_and_resolve_and_every_panel_has_data(
         DB_READ_POOL_SIZE="4",
         DB_POOL_TIMEOUT="5",
         MAX_IN_FLIGHT=str(MAX_IN_FLIGHT),
+        # The burst is refused by MAX_IN_FLIGHT alone, at once: a standing queue behind the
+        # locked row would otherwise shed the steady load too, each refusal held a second, and
+        # the slow burn's windows (minutes here) would keep it firing past the quiet check.
+        ADMISSION_TARGET_MS="0",
+        ADMISSION_REFUSAL_DELAY_MS="0",
         SHUTDOWN_DELAY_SECONDS="0",
         ACCESS_LOG="errors",
     )
