@@ -73,7 +73,7 @@ class ObserveRequests:
 
     With `tracing` each request is a server span, its trace id in the access line; with
     `server_timing` the /items answers say how long their statements took, and the whole.
-    When both are off, neither costs a request more than a test of None.
+    When both are off, they cost a request a few tests of None.
     """
 
     def __init__(

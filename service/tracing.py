@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from contextvars import ContextVar, Token
 from random import getrandbits
 from typing import Any, cast
@@ -35,7 +36,14 @@ from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import Decision, ParentBased
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import INVALID_TRACE_ID, Span, SpanKind, StatusCode
 from sqlalchemy import Executable, Result
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -127,12 +135,7 @@ class Tracing:
     def __init__(self, provider: TracerProvider, ids: PresetTraceIds) -> None:
         self.provider = provider
         self.ids = ids  # the provider's id generator
-        # What decides about a trace of our own: the parent-based samplers hand a request
-        # without a parent to their root sampler, asked here directly (five calls fewer).
-        sampler = provider.sampler
-        self.root_sampler = (
-            getattr(sampler, "_root", sampler) if isinstance(sampler, ParentBased) else sampler
-        )
+        self.keeps_new_trace = new_trace_decision(provider.sampler)
         self.tracer = provider.get_tracer("service", __version__)
         # The request sessions of this app's pools: statements as spans, with this tracer.
         self.session_class = type("TracedSession", (TracedSession,), {"tracer": self.tracer})
@@ -143,9 +146,9 @@ class Tracing:
     def start_request(self, scope: Any) -> TracedRequest:
         """The request's server span, under the caller's trace context when it sends one.
 
-        A trace of our own is first put to the sampler, and one it drops gets no span at all:
-        1 µs per request instead of the SDK's 3 µs for a span that records nothing. One it
-        keeps is started with the very trace id it was judged on, so the sampler's answer
+        A trace of our own is first judged as the sampler would (`new_trace_decision`), and one
+        it drops gets no span at all, where the SDK makes a span that records nothing (3 µs).
+        One it keeps is started with the very trace id it was judged on, so the sampler's answer
         inside the SDK is the same (every sampler the SDK ships decides by the trace id and the
         parent alone). A sampled span is made current, the parent of the request's statements.
         """
@@ -159,8 +162,7 @@ class Tracing:
         if carrier is None:
             # As RandomIdGenerator draws them (0 is no trace id: once in 2**128).
             trace_id = getrandbits(128) or 1
-            judged = self.root_sampler.should_sample(ROOT, trace_id, method, SpanKind.SERVER)
-            if judged.decision is not Decision.RECORD_AND_SAMPLE:
+            if not self.keeps_new_trace(trace_id):
                 return None
             self.ids.preset = trace_id
             parent = ROOT
@@ -218,6 +220,30 @@ class Tracing:
         """Send the spans still queued and stop the exporter (off the event loop: it blocks
         for as long as the collector takes to answer, OTEL_EXPORTER_OTLP_TIMEOUT at most)."""
         await asyncio.to_thread(self.provider.shutdown)
+
+
+def new_trace_decision(sampler: Sampler) -> Callable[[int], bool]:
+    """Whether `sampler` keeps a new trace (one without a parent), by its trace id.
+
+    The parent-based samplers hand such a trace to their root sampler. For the roots the SDK
+    ships, the decision is their own rule, taken here without the sampler's 8 calls per request:
+    always, never, or (TraceIdRatioBased) the trace id's low 64 bits below its bound. Any
+    other sampler is asked.
+    """
+    root = getattr(sampler, "_root", sampler) if isinstance(sampler, ParentBased) else sampler
+    if root is ALWAYS_ON:
+        return lambda trace_id: True
+    if root is ALWAYS_OFF:
+        return lambda trace_id: False
+    if isinstance(root, TraceIdRatioBased):
+        limit, bound = root.TRACE_ID_LIMIT, root.bound
+        return lambda trace_id: trace_id & limit < bound
+
+    def ask(trace_id: int) -> bool:
+        judged = root.should_sample(ROOT, trace_id, "request", SpanKind.SERVER)
+        return judged.decision is Decision.RECORD_AND_SAMPLE
+
+    return ask
 
 
 def start_tracing() -> Tracing:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import signal
 import subprocess
 import sys
@@ -15,6 +16,15 @@ from typing import Any
 import httpx
 import pytest
 from litestar.testing import AsyncTestClient
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -23,6 +33,7 @@ from service import queries
 from service.app import create_app
 from service.config import Settings
 from service.db import LeasedSession
+from service.tracing import new_trace_decision
 from tests.conftest import (
     AUTH,
     PROJECT_ROOT,
@@ -199,6 +210,37 @@ async def test_the_configured_share_of_the_services_own_traces_is_kept(
         (statement,) = children(spans, request)
         assert statement.name == "SELECT_ITEM"
     assert len(spans) == 2 * len(kept)
+
+
+class EveryThirdTrace(Sampler):
+    """A sampler the SDK does not ship: it must be asked."""
+
+    def should_sample(self, parent_context: Any, trace_id: int, *args: Any, **kwargs: Any) -> Any:
+        kept = trace_id % 3 == 0
+        return SamplingResult(Decision.RECORD_AND_SAMPLE if kept else Decision.DROP)
+
+    def get_description(self) -> str:
+        return "EveryThirdTrace"
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        ALWAYS_ON,
+        ALWAYS_OFF,
+        TraceIdRatioBased(0.7),
+        ParentBased(TraceIdRatioBased(0.3)),
+        ParentBased(ALWAYS_OFF),
+        ParentBased(EveryThirdTrace()),
+    ],
+    ids=lambda sampler: sampler.get_description().split("{remote")[0],
+)
+def test_a_new_trace_is_kept_exactly_when_the_sampler_would_keep_it(sampler: Sampler) -> None:
+    decide = new_trace_decision(sampler)
+    rng = random.Random(7)
+    for trace_id in [rng.getrandbits(128) for _ in range(3000)] + [1, 2**64 - 1, 2**128 - 1]:
+        judged = sampler.should_sample(None, trace_id, "GET")
+        assert decide(trace_id) is (judged.decision is Decision.RECORD_AND_SAMPLE), trace_id
 
 
 async def test_a_statement_cut_by_its_timeout_is_an_error_span_under_a_5xx_request(
