@@ -25,12 +25,6 @@ from litestar.types import HTTPResponseStartEvent
 
 from service.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_SECONDS, problem_document
 
-# A queue is never cut below this many waiters per connection: the target is the longer of the
-# configured one and the time the pool takes to serve them (8: what the fixed in-flight limit of
-# old let queue). 64 clients resending at once on a pool of 10, -c64 in bench/, keep 5.4 per
-# connection waiting at any speed (Little's law); a machine slowed by other work or a CPU quota,
-# or a database farther away, makes each lease longer, and that queue longer than 20 ms.
-QUEUE_PER_CONNECTION = 8
 QUEUE_DELAY = "queue_delay"  # the queue stood above the target: refused to keep it there
 IN_FLIGHT_LIMIT = "in_flight_limit"  # MAX_IN_FLIGHT admitted requests in progress already
 REASONS = (QUEUE_DELAY, IN_FLIGHT_LIMIT)
@@ -73,22 +67,19 @@ class Admission:
     """Takes a request to /items on, or refuses it, from what the connection queue measures.
 
     The pool reports each request's wait for a connection (`observe_wait`) and how long each
-    lease held its connection (`observe_hold`). The target is `target` seconds, or the time the
-    pool takes to serve QUEUE_PER_CONNECTION requests per connection if that is longer. When no
-    request has got a connection within the target for `interval` seconds, the queue stands:
-    admission sheds, refusing each request that would join a queue already as long as the pool
-    serves within the target (its connections divided by the mean hold of the last interval,
-    times the target), so the queue holds what the pool serves within the target and no more.
-    (Not the queue's observed drain rate: that falls with the queue admission allows, and the
-    two would chase each other down.)
-
-    It stops once no request has been refused for as long as the refused ones take to come back
-    (`refusal_delay`, then `Retry-After`) and an interval more: the demand has fallen back below
-    the capacity. (Stopping after a quieter interval, it began again 2 or 3 times a second under
-    clients that wait out Retry-After: they come back together, and the queue overshot the
-    target each time before shedding could begin again.) At most `max_in_flight` admitted
-    requests are in progress at once, whatever the queue says: the last resort, for a flood
-    faster than an interval. `target` 0 turns shedding off.
+    lease held its connection (`observe_hold`). When no request has got a connection within
+    `target` seconds for `interval` seconds, the queue stands: admission sheds, refusing each
+    request that would join a queue already as long as the pool serves within `target` seconds
+    (its connections divided by the mean hold of the last interval, times the target), so the
+    queue holds what the pool serves within the target and no more. (Not the queue's observed
+    drain rate: that falls with the queue admission allows, and the two would chase each other
+    down.) It stops once no request has been refused for as long as the refused ones take to
+    come back (`refusal_delay`, then `Retry-After`) and an interval more: the demand has fallen
+    back below the capacity. (Stopping after a quieter interval, it began again 2 or 3 times a
+    second under clients that wait out Retry-After: they come back together, and the queue
+    overshot the target each time before shedding could begin again.) At most `max_in_flight`
+    admitted requests are in progress at once, whatever the queue says: the last resort, for a
+    flood faster than an interval. `target` 0 turns shedding off.
     """
 
     def __init__(
@@ -124,8 +115,8 @@ class Admission:
         self._full_at = 0.0
         self.by_delay = Refusal(
             QUEUE_DELAY,
-            "the service is at capacity: requests wait for a database connection longer than "
-            "its latency target; retry shortly",
+            "the service is at capacity: requests wait longer than "
+            f"{target * 1000:g} ms for a database connection; retry shortly",
         )
         self.by_limit = Refusal(
             IN_FLIGHT_LIMIT,
@@ -133,18 +124,14 @@ class Admission:
         )
 
     @property
-    def target_now(self) -> float:
-        """The queue delay a standing queue is cut back to: `target`, or the time the pool takes
-        to serve QUEUE_PER_CONNECTION requests per connection if that is longer."""
-        return max(self.target, QUEUE_PER_CONNECTION * self.mean_hold)
-
-    @property
     def queue_limit(self) -> float:
-        """The waiters the pool serves within the target (QUEUE_PER_CONNECTION per connection at
-        least)."""
+        """The waiters the pool serves within the target, and at least one per connection: with
+        fewer, a connection idles while the next request is on its way, and when a single lease
+        outlasts the target no queue meets it anyway."""
         if self.queue is None or not self.mean_hold:
             return float("inf")
-        return self.target_now * self.queue.size / self.mean_hold
+        size = self.queue.size
+        return max(self.target * size / self.mean_hold, size)
 
     def observe_hold(self, seconds: float) -> None:
         """A lease held its connection `seconds`."""
@@ -158,7 +145,7 @@ class Admission:
         if now - self._counting_since >= self.interval and self._holds:
             self.mean_hold = self._held / self._holds
             self._holds, self._held, self._counting_since = 0, 0.0, now
-        if seconds <= self.target_now:
+        if seconds <= self.target:
             self._within_target_at = now
         elif not self.shedding and self.target and now - self._within_target_at >= self.interval:
             self.shedding = True

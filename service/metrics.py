@@ -152,7 +152,7 @@ class AdmissionCollector(Collector):
         for name, doc, value in (
             (
                 "admission_shedding",
-                "1 while a standing queue is cut back to the target, else 0.",
+                "1 while a standing queue is cut back to the target (ADMISSION_TARGET_MS), else 0.",
                 int(admission.shedding),
             ),
             (
@@ -168,9 +168,8 @@ class AdmissionCollector(Collector):
             ),
             (
                 "admission_target_seconds",
-                "The queue delay a standing queue is cut back to: ADMISSION_TARGET_MS, or the "
-                "time the pool takes to serve 8 requests per connection if longer.",
-                admission.target_now,
+                "The queue delay a standing queue is kept to (ADMISSION_TARGET_MS).",
+                admission.target,
             ),
             (
                 "admission_in_flight",

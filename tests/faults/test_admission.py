@@ -1,6 +1,6 @@
 """Overload: more requests than the pool can serve, on a real process.
 
-A TCP proxy in front of PostgreSQL holds every answer 20 ms (a database that far away), so with
+A TCP proxy in front of PostgreSQL holds every answer 50 ms (a database that far away), so with
 DB_POOL_SIZE=2 the service answers a known rate of requests whatever the CPU does. A burst of
 requests at once is queued and served, every one; clients that keep the pool's queue standing
 (more of them than it serves within ADMISSION_TARGET_MS, each sending again as soon as it is
@@ -33,19 +33,16 @@ from tests.faults.support import Outcome, TcpProxy, run_until, seed_rows, send
 pytestmark = pytest.mark.slow
 
 ROWS = 100
-# Seconds the proxy holds each answer: a statement's round trip, long enough to outweigh what the
+# Seconds the proxy holds each answer: a statement's round trip, long enough to dwarf what the
 # CPU adds (the proxy, the clients and the service share it with whatever else runs).
-DATABASE_DELAY = 0.020
+DATABASE_DELAY = 0.050
 POOL_SIZE = 2
-# A longer interval than the default (100): on a machine busy with other work the service
-# itself may take a few hundred milliseconds to read a burst that the client sent at once. With
-# statements this long, the target is the time 8 leases per connection take (about 0.25 s).
+# Longer than the defaults (20 and 100): on a machine busy with other work the service itself
+# may take a few hundred milliseconds to read a burst that the client sent at once.
 TARGET_MS, INTERVAL_MS, REFUSAL_DELAY_MS = 100, 500, 1000
-BURST = 30  # a queue of 28 waiters, that drains in about 0.4 s
-CLIENTS = 80  # sending again at once: a queue of 78 waiters, 5 times what the target lets wait
-# The load's length, and when its steady part begins: the clients' first requests, all admitted
-# before an interval could pass, take about a second to drain.
-SECONDS, STEADY_AFTER = 6.0, 3.0
+BURST = 30  # a queue of 28 waiters, that drains in about 0.7 s
+CLIENTS = 24  # sending again at once: a queue of 22 waiters, 5 to 6 times the target
+SECONDS, STEADY_AFTER = 4.0, 1.5
 
 
 @contextlib.asynccontextmanager
@@ -60,8 +57,6 @@ async def far_database(
             "ADMISSION_TARGET_MS": str(TARGET_MS),
             "ADMISSION_INTERVAL_MS": str(INTERVAL_MS),
             "ADMISSION_REFUSAL_DELAY_MS": str(REFUSAL_DELAY_MS),
-            # Above CLIENTS (the default, 32 per connection, is 64 here): the queue's rule alone.
-            "MAX_IN_FLIGHT": "1000",
         }
         env = service_environment(
             database.set(port=proxy.port),
@@ -117,9 +112,7 @@ class Load:
 
     @property
     def median_answer(self) -> float:
-        """The median latency of the answers to requests sent in the load's steady part."""
-        steady = self.started + STEADY_AFTER
-        return statistics.median(o.elapsed for o in self.answered if o.started >= steady)
+        return statistics.median(o.elapsed for o in self.answered)
 
 
 async def standing_load(client: httpx.AsyncClient) -> Load:
@@ -192,7 +185,7 @@ async def test_a_burst_is_absorbed_and_a_standing_queue_is_cut_to_the_target(
     assert refused, "the standing queue was never refused"
     for o in refused:
         assert o.problem_json and o.retry_after == "1", o
-        assert "longer than its latency target" in o.body, o.body
+        assert f"wait longer than {TARGET_MS} ms" in o.body, o.body
         assert o.elapsed >= 0.75 * REFUSAL_DELAY_MS / 1000, o.elapsed  # held, not at once
     # Writes and keyed writes are refused by the same rule as reads.
     assert {o.label.split()[0] for o in refused} == {"read", "write", "keyed"}
@@ -211,9 +204,9 @@ async def test_a_burst_is_absorbed_and_a_standing_queue_is_cut_to_the_target(
     # By the service's own measure, admitted requests waited for a connection about the target.
     waited = {
         name: metric(shed.end, name) - metric(shed.steady, name)
-        for name in ("db_pool_wait_seconds_count", 'db_pool_wait_seconds_bucket{le="0.5"}')
+        for name in ("db_pool_wait_seconds_count", 'db_pool_wait_seconds_bucket{le="0.25"}')
     }
-    within = waited['db_pool_wait_seconds_bucket{le="0.5"}'] / waited["db_pool_wait_seconds_count"]
+    within = waited['db_pool_wait_seconds_bucket{le="0.25"}'] / waited["db_pool_wait_seconds_count"]
     assert within >= 0.9, waited
     assert probes and all(o.status == 200 for o in probes), status_counts(o.status for o in probes)
     # The service counted what the clients saw, and stopped shedding once the load was gone.
@@ -232,7 +225,7 @@ async def test_a_burst_is_absorbed_and_a_standing_queue_is_cut_to_the_target(
         f"refused; standing queue: {shed.answered_rate:.0f} answered/s against "
         f"{queued.answered_rate:.0f} queueing everything, median answer "
         f"{shed.median_answer * 1000:.0f} ms against {queued.median_answer * 1000:.0f} ms, "
-        f"{within:.0%} waited for a connection at most 0.5 s; {len(refused)} refused with "
+        f"{within:.0%} waited for a connection at most 0.25 s; {len(refused)} refused with "
         f"503 + Retry-After after about {REFUSAL_DELAY_MS} ms, at most "
         f"{max(per_client.values())} per client; probes 200 throughout",
     )
