@@ -66,7 +66,8 @@ function request()
 end
 
 local honour_retry_after = os.getenv("BENCH_HONOUR_RETRY_AFTER") == "1"
-local retry_after_ms = 0
+-- The delays of answered connections, oldest first, for delay() (see response()).
+local delays, delays_first, delays_last = {}, 1, 0
 
 function response(status, headers, body)
    local id = headers["x-request-id"] or headers["X-Request-ID"]
@@ -90,19 +91,30 @@ function response(status, headers, body)
    elseif now >= counting_from then
       other_count = other_count + 1
    end
-   -- wrk calls delay() for the same connection right after its response() (one thread, one
-   -- connection at a time), so this value reaches exactly the connection that was refused.
-   retry_after_ms = 0
+   -- wrk asks delay() for the next request of a connection not here but when that connection
+   -- is next writable, in the following turn of its event loop, after the responses of other
+   -- connections (src/wrk.c: response_complete arms the writable event, socket_writeable calls
+   -- delay()). So each response's delay joins a queue, and delay() takes the oldest: the event
+   -- loop hands writable connections over in the order their responses were read. (One value
+   -- shared by all connections handed the last response's delay to every connection answered
+   -- in the same turn: answered clients went quiet for a second, refused ones came back at once.)
+   local wait_ms = 0
    if status == 503 then
       local seconds = tonumber(headers["retry-after"] or headers["Retry-After"] or "1") or 1
-      retry_after_ms = math.floor(seconds * 1000 * (1 + 0.25 * math.random()))
+      wait_ms = math.floor(seconds * 1000 * (1 + 0.25 * math.random()))
    end
+   delays_last = delays_last + 1
+   delays[delays_last] = wait_ms
 end
 
 if honour_retry_after then
    -- Defined only for these clients: with a delay() at all, wrk sends every request from a timer.
    function delay()
-      return retry_after_ms
+      if delays_first > delays_last then return 0 end -- a connection's first request
+      local wait_ms = delays[delays_first]
+      delays[delays_first] = nil
+      delays_first = delays_first + 1
+      return wait_ms
    end
 end
 
