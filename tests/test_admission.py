@@ -140,6 +140,12 @@ def test_a_zero_target_never_sheds() -> None:
 
 
 def test_refusals_are_held_about_the_refusal_delay_and_spread() -> None:
-    holds = [admission(Clock()).hold() for _ in range(1000)]
+    clock = Clock()
+    clock.now = 1000.037  # between two ticks
+    holds = [admission(clock).hold() for _ in range(1000)]
     assert all(0.75 <= hold <= 1.25 for hold in holds)
-    assert max(holds) - min(holds) > 0.4  # spread, so refused clients do not return together
+    assert max(holds) - min(holds) > 0.3  # spread, so refused clients do not return together
+    # ... on ticks of a tenth of the delay, so that the refusals due in one are sent together.
+    ends = {round(clock.now + hold, 6) for hold in holds}
+    assert all(abs(end * 10 - round(end * 10)) < 1e-6 for end in ends), ends
+    assert len(ends) == 5
