@@ -1128,7 +1128,7 @@ def parse_options() -> Options:
     parser.add_argument(
         "--overload-rounds",
         type=int,
-        default=int(env("BENCH_OVERLOAD_ROUNDS", "2")),
+        default=int(env("BENCH_OVERLOAD_ROUNDS", "3")),
         help="rounds of bench/overload.py's section (0: none)",
     )
     parser.add_argument(
