@@ -29,6 +29,11 @@ from service.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_SECONDS, problem_docu
 QUEUE_DELAY = "queue_delay"  # the queue stood above the target: refused to keep it there
 IN_FLIGHT_LIMIT = "in_flight_limit"  # MAX_IN_FLIGHT admitted requests in progress already
 REASONS = (QUEUE_DELAY, IN_FLIGHT_LIMIT)
+# A queue of this many waiters per connection is never cut: what any load at the pool's capacity
+# keeps (64 clients that send again at once keep 5.4 per connection of a pool of 10), and cutting
+# it would buy a few leases of latency by refusing clients at the service's usual peak. On a
+# machine busy with other work that queue stood above 20 ms, and such clients were refused.
+MIN_QUEUE_PER_CONNECTION = 6
 # Held refusals end on ticks of refusal_delay / REFUSAL_TICKS (see Admission.hold).
 REFUSAL_TICKS = 10
 
@@ -71,9 +76,10 @@ class Admission:
 
     The pool reports each request's wait for a connection (`observe_wait`) and how long each
     lease held its connection (`observe_hold`). When no request has got a connection within
-    `target` seconds for `interval` seconds, the queue stands: admission sheds, refusing each
-    request that would join a queue already as long as the pool serves within `target` seconds
-    (its connections divided by the mean hold of the last interval, times the target), so the
+    `target` seconds for `interval` seconds while more than MIN_QUEUE_PER_CONNECTION waited
+    per connection, the queue stands: admission sheds, refusing each request that would join a
+    queue already as long as the pool serves within `target` seconds (its connections divided by
+    the mean hold of the last interval, times the target) and longer than that minimum, so the
     queue holds what the pool serves within the target and no more. (Not the queue's observed
     drain rate: that falls with the queue admission allows, and the two would chase each other
     down.) It stops once no request has been refused for as long as the refused ones take to
@@ -128,13 +134,19 @@ class Admission:
 
     @property
     def queue_limit(self) -> float:
-        """The waiters the pool serves within the target, and at least one per connection: with
-        fewer, a connection idles while the next request is on its way, and when a single lease
-        outlasts the target no queue meets it anyway."""
+        """The waiters the pool serves within the target, and at least MIN_QUEUE_PER_CONNECTION
+        per connection (see there; and when a single lease outlasts the target no queue meets
+        it anyway)."""
         if self.queue is None or not self.mean_hold:
             return float("inf")
         size = self.queue.size
-        return max(self.target * size / self.mean_hold, size)
+        return max(self.target * size / self.mean_hold, MIN_QUEUE_PER_CONNECTION * size)
+
+    def _queue_is_short(self) -> bool:
+        """Fewer waiters than the queue admission never cuts: not a queue to shed, whatever it
+        waited."""
+        queue = self.queue
+        return queue is not None and queue.waiting < MIN_QUEUE_PER_CONNECTION * queue.size
 
     def observe_hold(self, seconds: float) -> None:
         """A lease held its connection `seconds`."""
@@ -148,7 +160,7 @@ class Admission:
         if now - self._counting_since >= self.interval and self._holds:
             self.mean_hold = self._held / self._holds
             self._holds, self._held, self._counting_since = 0, 0.0, now
-        if seconds <= self.target:
+        if seconds <= self.target or self._queue_is_short():
             self._within_target_at = now
         elif not self.shedding and self.target and now - self._within_target_at >= self.interval:
             self.shedding = True

@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from service.admission import IN_FLIGHT_LIMIT, QUEUE_DELAY, Admission
+from service.admission import IN_FLIGHT_LIMIT, MIN_QUEUE_PER_CONNECTION, QUEUE_DELAY, Admission
 
 TARGET, INTERVAL = 0.020, 0.100
 POOL = 10
@@ -57,12 +57,15 @@ def leases(admitting: Admission, clock: Clock, wait: float, seconds: float) -> N
 def test_a_queue_above_the_target_for_less_than_an_interval_is_absorbed() -> None:
     clock = Clock()
     admitting = admission(clock)
+    queue = admitting.queue
+    assert isinstance(queue, Queue)
     leases(admitting, clock, 0.0, 0.2)
+    queue.waiting = 500
     leases(admitting, clock, 0.5, 0.09)  # a burst: every wait far above the target
+    queue.waiting = 0
     leases(admitting, clock, 0.001, 0.2)  # then drained
     assert not admitting.shedding and admitting.sheds == 0
-    assert admitting.queue is not None
-    admitting.queue.waiting = 5000
+    queue.waiting = 5000
     assert admitting.admit() is None
 
 
@@ -72,6 +75,7 @@ def test_a_standing_queue_is_cut_to_what_the_pool_serves_within_the_target() -> 
     queue = admitting.queue
     assert isinstance(queue, Queue)
     leases(admitting, clock, 0.0, 0.2)
+    queue.waiting = 200
     leases(admitting, clock, 0.030, INTERVAL + 0.001)
     assert admitting.shedding and admitting.sheds == 1
     # 10 connections, each lease 2 ms: 100 waiters are served within 20 ms.
@@ -96,6 +100,7 @@ def test_shedding_ends_once_refused_clients_could_have_come_back_and_were_not_re
     queue = admitting.queue
     assert isinstance(queue, Queue)
     leases(admitting, clock, 0.0, 0.2)
+    queue.waiting = 200
     leases(admitting, clock, 0.030, INTERVAL + 0.001)
     queue.waiting = 500
     assert admitting.admit() is not None
@@ -110,15 +115,47 @@ def test_shedding_ends_once_refused_clients_could_have_come_back_and_were_not_re
     assert admitting.admit() is None  # a new burst is absorbed again
 
 
-def test_one_waiter_per_connection_is_admitted_when_one_lease_outlasts_the_target() -> None:
+def test_a_few_waiters_per_connection_are_never_cut_however_long_they_wait() -> None:
+    # 64 clients sending again at once on a pool of 10 keep at most 54 waiting. On a machine
+    # busy with other work each lease takes 5 ms, and they wait 27 ms, above the target.
     clock = Clock()
     admitting = admission(clock)
+    queue = admitting.queue
+    assert isinstance(queue, Queue)
+    queue.waiting = 54
+    for _ in range(1000):
+        clock.now += 0.0005
+        admitting.observe_hold(0.005)
+        admitting.observe_wait(0.027)
+        assert admitting.admit() is None
+        admitting.done()
+    assert not admitting.shedding and admitting.sheds == 0
+    # Past that minimum the same waits are a standing queue, cut to the minimum: the pool
+    # serves 40 waiters within 20 ms, fewer than 6 per connection.
+    queue.waiting = 61
+    for _ in range(300):
+        clock.now += 0.0005
+        admitting.observe_hold(0.005)
+        admitting.observe_wait(0.027)
+    assert admitting.shedding and admitting.sheds == 1
+    assert admitting.queue_limit == MIN_QUEUE_PER_CONNECTION * POOL == 60
+    assert admitting.admit() is not None
+    queue.waiting = 59
+    assert admitting.admit() is None
+
+
+def test_the_minimum_queue_holds_when_one_lease_outlasts_the_target() -> None:
+    clock = Clock()
+    admitting = admission(clock)
+    queue = admitting.queue
+    assert isinstance(queue, Queue)
+    queue.waiting = 100
     for _ in range(100):
         clock.now += 0.01
         admitting.observe_hold(0.2)  # 200 ms statements: a single waiter waits past 20 ms
         admitting.observe_wait(0.1)
     assert admitting.shedding
-    assert admitting.queue_limit == POOL
+    assert admitting.queue_limit == MIN_QUEUE_PER_CONNECTION * POOL
 
 
 def test_the_in_flight_limit_refuses_whatever_the_queue() -> None:

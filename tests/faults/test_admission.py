@@ -1,10 +1,11 @@
 """Overload: more requests than the pool can serve, on a real process.
 
-A TCP proxy in front of PostgreSQL holds every answer 50 ms (a database that far away), so with
+A TCP proxy in front of PostgreSQL holds every answer 20 ms (a database that far away), so with
 DB_POOL_SIZE=2 the service answers a known rate of requests whatever the CPU does. A burst of
 requests at once is queued and served, every one; clients that keep the pool's queue standing
-(more of them than it serves within ADMISSION_TARGET_MS, each sending again as soon as it is
-answered) get 503 + Retry-After for the excess, each refusal held ADMISSION_REFUSAL_DELAY_MS, so
+(more of them than it serves within ADMISSION_TARGET_MS, and than the few per connection that
+admission never cuts, each sending again as soon as it is answered) get 503 + Retry-After for
+the excess, each refusal held ADMISSION_REFUSAL_DELAY_MS, so
 the answered requests wait about the target instead of the whole queue, the answered rate stays
 that of the same service queueing everything, and no client is refused more often than once per
 three quarters of the refusal delay. Reads, writes and keyed writes alike; probes and /metrics
@@ -35,13 +36,15 @@ pytestmark = pytest.mark.slow
 ROWS = 100
 # Seconds the proxy holds each answer: a statement's round trip, long enough to dwarf what the
 # CPU adds (the proxy, the clients and the service share it with whatever else runs).
-DATABASE_DELAY = 0.050
+DATABASE_DELAY = 0.020
 POOL_SIZE = 2
 # Longer than the defaults (20 and 100): on a machine busy with other work the service itself
 # may take a few hundred milliseconds to read a burst that the client sent at once.
 TARGET_MS, INTERVAL_MS, REFUSAL_DELAY_MS = 100, 500, 1000
-BURST = 30  # a queue of 28 waiters, that drains in about 0.7 s
-CLIENTS = 24  # sending again at once: a queue of 22 waiters, 5 to 6 times the target
+BURST = 40  # a queue of 38 waiters, that drains in about 0.4 s
+# Sending again at once: a queue of 62 waiters, 6 times the target and 5 times the 12 that
+# admission never cuts (service.admission.MIN_QUEUE_PER_CONNECTION for 2 connections).
+CLIENTS = 64
 SECONDS, STEADY_AFTER = 4.0, 1.5
 
 
