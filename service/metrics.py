@@ -162,8 +162,8 @@ class AdmissionCollector(Collector):
             ),
             (
                 "admission_queue_limit",
-                "Waiters the pool serves within the target at its drain rate now: while "
-                "shedding, a request finding this many waiting is refused.",
+                "Waiters the pool serves within the target now, and at least 6 per connection: "
+                "while shedding, a request finding this many waiting is refused.",
                 admission.queue_limit,
             ),
             (
