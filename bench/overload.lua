@@ -98,6 +98,7 @@ function response(status, headers, body)
    -- loop hands writable connections over in the order their responses were read. (One value
    -- shared by all connections handed the last response's delay to every connection answered
    -- in the same turn: answered clients went quiet for a second, refused ones came back at once.)
+   if not honour_retry_after then return end -- no delay() to take them
    local wait_ms = 0
    if status == 503 then
       local seconds = tonumber(headers["retry-after"] or headers["Retry-After"] or "1") or 1

@@ -20,7 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from service.admission import Admission
+from service.admission import MIN_QUEUE_PER_CONNECTION, Admission
 from service.db import SessionPool
 from service.health import Readiness
 from service.replica import Replica
@@ -162,8 +162,9 @@ class AdmissionCollector(Collector):
             ),
             (
                 "admission_queue_limit",
-                "Waiters the pool serves within the target now, and at least 6 per connection: "
-                "while shedding, a request finding this many waiting is refused.",
+                "Waiters the pool serves within the target now, and at least "
+                f"{MIN_QUEUE_PER_CONNECTION} per connection: while shedding, a request finding "
+                "this many waiting is refused.",
                 admission.queue_limit,
             ),
             (

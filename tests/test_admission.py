@@ -45,12 +45,14 @@ def admission(clock: Clock, **overrides: float) -> Admission:
     return admitting
 
 
-def leases(admitting: Admission, clock: Clock, wait: float, seconds: float) -> None:
-    """Requests for `seconds`, each having waited `wait` and then held its connection HOLD."""
+def leases(
+    admitting: Admission, clock: Clock, wait: float, seconds: float, hold: float = HOLD
+) -> None:
+    """Requests for `seconds`, each having waited `wait` and then held its connection `hold`."""
     end = clock.now + seconds
     while clock.now < end:
-        clock.now += HOLD / POOL
-        admitting.observe_hold(HOLD)
+        clock.now += hold / POOL
+        admitting.observe_hold(hold)
         admitting.observe_wait(wait)
 
 
@@ -123,20 +125,14 @@ def test_a_few_waiters_per_connection_are_never_cut_however_long_they_wait() -> 
     queue = admitting.queue
     assert isinstance(queue, Queue)
     queue.waiting = 54
-    for _ in range(1000):
-        clock.now += 0.0005
-        admitting.observe_hold(0.005)
-        admitting.observe_wait(0.027)
-        assert admitting.admit() is None
-        admitting.done()
+    leases(admitting, clock, 0.027, 0.5, hold=0.005)
     assert not admitting.shedding and admitting.sheds == 0
+    assert admitting.admit() is None
+    admitting.done()
     # Past that minimum the same waits are a standing queue, cut to the minimum: the pool
     # serves 40 waiters within 20 ms, fewer than 6 per connection.
     queue.waiting = 61
-    for _ in range(300):
-        clock.now += 0.0005
-        admitting.observe_hold(0.005)
-        admitting.observe_wait(0.027)
+    leases(admitting, clock, 0.027, INTERVAL + 0.05, hold=0.005)
     assert admitting.shedding and admitting.sheds == 1
     assert admitting.queue_limit == MIN_QUEUE_PER_CONNECTION * POOL == 60
     assert admitting.admit() is not None
@@ -181,7 +177,8 @@ def test_refusals_are_held_about_the_refusal_delay_and_spread() -> None:
     clock.now = 1000.037  # between two ticks
     holds = [admission(clock).hold() for _ in range(1000)]
     assert all(0.75 <= hold <= 1.25 for hold in holds)
-    assert max(holds) - min(holds) > 0.3  # spread, so refused clients do not return together
+    # Spread over 0.4 s (five ticks), so refused clients do not return together.
+    assert max(holds) - min(holds) == pytest.approx(0.4)
     # ... on ticks of a tenth of the delay, so that the refusals due in one are sent together.
     ends = {round(clock.now + hold, 6) for hold in holds}
     assert all(abs(end * 10 - round(end * 10)) < 1e-6 for end in ends), ends
