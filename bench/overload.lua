@@ -3,9 +3,10 @@
 -- so that every answer is timed against its own request. (wrk's own latency histogram mixes
 -- answers with refusals, and a refusal the service holds back is slower than any answer.)
 --
--- Answers come in the first BENCH_WARMUP_SECONDS of the run are not counted: the warm-up runs
--- on the same connections as the measured seconds, so these measure the steady state, not the
--- arrival of every connection at once (a burst of its own).
+-- Requests sent in the first BENCH_WARMUP_SECONDS of the run are not counted, whenever they are
+-- answered: the warm-up runs on the same connections as the measured seconds, so these measure
+-- the steady state, not the arrival of every connection at once (a burst of its own). The warm-up's
+-- requests answered after the timeout are counted apart (warmup_client_timeouts).
 --
 -- BENCH_HONOUR_RETRY_AFTER=1: a connection answered 503 waits its Retry-After, plus up to a
 -- quarter more at random, before its next request, as a well-behaved HTTP client or retrying SDK
@@ -31,7 +32,7 @@ end
 -- Latencies as counts in buckets 1 % wide (bucket k holds e^(k/100) microseconds); globals, so
 -- that done() can read every thread's with thread:get().
 answered, refused = {}, {}
-answered_count, refused_count, other_count, late_count = 0, 0, 0, 0
+answered_count, refused_count, other_count, late_count, warmup_late_count = 0, 0, 0, 0, 0
 -- Requests sent and not answered yet, by id: their send times (a global, for done()).
 sent_at = {}
 -- A client timeout: a request answered after BENCH_TIMEOUT_SECONDS, or not answered at all. (wrk's
@@ -47,7 +48,8 @@ end
 local workload_request = request
 local sequence = 0
 local warmup_us = tonumber(os.getenv("BENCH_WARMUP_SECONDS") or "0") * 1e6
-local counting_from = nil
+-- When the warm-up ends (a global, for done()).
+counting_from = nil
 
 local workload_init = init
 function init(args)
@@ -73,8 +75,9 @@ function response(status, headers, body)
    local id = headers["x-request-id"] or headers["X-Request-ID"]
    local started = id and sent_at[id]
    local now = now_us()
-   if started and now < counting_from then
+   if started and started < counting_from then
       sent_at[id] = nil
+      if now - started > timeout_us then warmup_late_count = warmup_late_count + 1 end
    elseif started then
       sent_at[id] = nil
       local us = now - started
@@ -158,12 +161,16 @@ local function summed(name)
    return total
 end
 
-local function unanswered()
-   -- Requests still waiting for an answer at the end, longer than the timeout already.
+local function unanswered(in_warmup)
+   -- Requests still waiting for an answer at the end, longer than the timeout already; those
+   -- sent in the warm-up, or the others.
    local count, now = 0, now_us()
    for _, thread in ipairs(threads) do
+      local from = thread:get("counting_from")
       for _, started in pairs(thread:get("sent_at")) do
-         if now - started > timeout_us then count = count + 1 end
+         if now - started > timeout_us and (started < from) == in_warmup then
+            count = count + 1
+         end
       end
    end
    return count
@@ -176,9 +183,11 @@ function done(summary, latency, requests)
       'BENCH_RESULT {"requests":%d,"duration_us":%d,"connect_errors":%d,"read_errors":%d,' ..
       '"write_errors":%d,"status_errors":%d,"timeouts":%d,"answered":%d,"refused":%d,' ..
       '"other":%d,"client_timeouts":%d,"answered_p50_us":%d,"answered_p99_us":%d,' ..
-      '"answered_max_us":%d,"refused_p50_us":%d,"refused_max_us":%d}\n',
+      '"answered_max_us":%d,"refused_p50_us":%d,"refused_max_us":%d,' ..
+      '"warmup_client_timeouts":%d}\n',
       summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
       summed("answered_count"), summed("refused_count"), summed("other_count"),
-      summed("late_count") + unanswered(), percentile(ok, 0.50), percentile(ok, 0.99),
-      percentile(ok, 1.0), percentile(no, 0.50), percentile(no, 1.0)))
+      summed("late_count") + unanswered(false), percentile(ok, 0.50), percentile(ok, 0.99),
+      percentile(ok, 1.0), percentile(no, 0.50), percentile(no, 1.0),
+      summed("warmup_late_count") + unanswered(true)))
 end

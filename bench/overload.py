@@ -1,11 +1,12 @@
 """`make bench`'s overload section: the service past its capacity, against clients of two kinds.
 
 Reads and batches, one worker with a pool of DB_POOL_SIZE (10), at 1, 4 and 16 times the
-connections of the main rounds (-c64): the 1x run is each round's reference, measured on the same
-server as the overload runs. Two kinds of client: plain wrk, which sends the next request as soon
-as an answer arrives (as most HTTP clients and many retrying proxies do), and clients that wait
-out a 503's Retry-After (bench/overload.lua's `delay()`). One more server per round queues
-everything (no admission, no in-flight limit), to show what admission buys.
+connections of the main rounds (-c64): each overload run of the server as shipped runs between two
+1x runs of its workload on the same server, its reference. Two kinds of client: plain wrk, which
+sends the next request as soon as an answer arrives (as most HTTP clients and many retrying
+proxies do), and clients that wait out a 503's Retry-After (bench/overload.lua's `delay()`).
+One more server per round queues everything (no admission, no in-flight limit), to show what
+admission buys.
 
 Each answer is timed against its own request (bench/overload.lua tags requests with an
 X-Request-ID that the service echoes), so the percentiles are those of the answered requests
@@ -113,15 +114,26 @@ class Settings:
     only: tuple[str, ...] = ()  # BENCH_OVERLOAD_ONLY: case names to run ("read-4-at-once", …)
 
 
+@dataclass(frozen=True)
+class CpuClocks:
+    """bench/run.py's CPU clocks: a process tree's CPU seconds so far, and the whole machine's
+    busy seconds; with PostgreSQL's postmaster, whose tree's share is reported."""
+
+    of_tree: Callable[[int], float]
+    machine: Callable[[], float]
+    database_pid: int | None
+
+
 def measure(
     settings: Settings,
     case: Case,
     server: RunningServer,
-    cpu_seconds: Callable[[int], float],
+    clocks: CpuClocks,
     number: int,
 ) -> dict[str, Any]:
     """One wrk run of `case`: the warm-up, then the measured seconds on the same connections,
-    with the server's CPU time over the measured seconds."""
+    with the CPU time of the server, wrk, PostgreSQL and the rest of the machine over the
+    measured seconds (on two cores the four share, the server's figures depend on the others')."""
     connections = settings.connections * case.multiple
     env = dict(
         settings.env,
@@ -137,9 +149,9 @@ def measure(
     ]  # fmt: skip
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) as load:
         time.sleep(settings.warmup)
-        started, cpu_before = time.monotonic(), cpu_seconds(server.pid)
+        started, before = time.monotonic(), cpu_readings(clocks, server.pid, load.pid)
         time.sleep(settings.seconds)
-        cpu = cpu_seconds(server.pid) - cpu_before
+        after = cpu_readings(clocks, server.pid, load.pid)
         wall = time.monotonic() - started
         output, _ = load.communicate(timeout=60)
     if load.returncode:
@@ -150,6 +162,7 @@ def measure(
         if line.startswith("BENCH_RESULT ")
     )
     seconds = result["duration_us"] / 1e6 - settings.warmup
+    cpu, wrk_cpu, database_cpu, machine_cpu = (b - a for a, b in zip(before, after, strict=True))
     return {
         "round": number,
         "case": case,
@@ -167,6 +180,8 @@ def measure(
         # count, which takes a connection waiting out a Retry-After for a timed-out request.
         "timeouts": result["client_timeouts"],
         "wrk_timeouts": result["timeouts"],
+        # The same, of requests sent in the warm-up: the arrival of every connection at once.
+        "warmup_timeouts": result["warmup_client_timeouts"],
         # Socket errors, and answers that are neither an answer nor a refusal.
         "errors": result["connect_errors"]
         + result["read_errors"]
@@ -174,14 +189,36 @@ def measure(
         + result["other"],
         "server_cpu_seconds": cpu,
         "server_cores": cpu / wall,
+        "wrk_cores": wrk_cpu / wall,
+        "database_cores": database_cpu / wall,
+        "other_cores": max(machine_cpu - cpu - wrk_cpu - database_cpu, 0.0) / wall,
     }
 
 
-def run_overload(
-    settings: Settings, start: StartServer, cpu_seconds: Callable[[int], float]
-) -> list[dict[str, Any]]:
-    """Every round: one fresh server as shipped for all its cases (order rotated each round),
-    then one for each other server's."""
+def cpu_readings(clocks: CpuClocks, server_pid: int, wrk_pid: int) -> tuple[float, ...]:
+    """CPU seconds so far: the server's, wrk's, PostgreSQL's and the machine's busy seconds."""
+    database = clocks.of_tree(clocks.database_pid) if clocks.database_pid is not None else 0.0
+    return (clocks.of_tree(server_pid), clocks.of_tree(wrk_pid), database, clocks.machine())
+
+
+def bracketed(cases: list[Case]) -> list[Case]:
+    """The shipped server's run order: each workload's overload cases, each between two 1x runs
+    of that workload, [1x, a, 1x, b, 1x, …, 1x]. On a shared machine whose speed drifts by a
+    fifth within minutes, a case is compared with the 1x runs just before and after it, not with
+    one 1x run minutes away."""
+    order: list[Case] = []
+    for workload in dict.fromkeys(case.workload for case in cases):
+        reference = Case(workload, 1, "at-once")
+        overloads = [c for c in cases if c.workload == workload and c != reference]
+        order.append(reference)
+        for case in overloads:
+            order += [case, reference]
+    return order
+
+
+def run_overload(settings: Settings, start: StartServer, clocks: CpuClocks) -> list[dict[str, Any]]:
+    """Every round: one fresh server as shipped for all its cases (order rotated each round,
+    each case between two 1x runs), then one for each other server's."""
     rows: list[dict[str, Any]] = []
     for number in range(1, settings.rounds + 1):
         for server_key, planned in plan().items():
@@ -190,19 +227,24 @@ def run_overload(
                 continue
             shift = (number - 1) * 3 % len(cases)
             cases = cases[shift:] + cases[:shift]
+            if server_key == "shipped":
+                cases = bracketed(cases)
             env = SERVERS[server_key] + (settings.shipped_env if server_key == "shipped" else ())
             with start(env, f"overload-{number}-{server_key}") as server:
                 for case in cases:
-                    row = measure(settings, case, server, cpu_seconds, number)
+                    row = measure(settings, case, server, clocks, number)
+                    row["position"] = len(rows)
                     rows.append(row)
                     print(
                         f"overload {number} {case.server:9} {case.workload:5} "
                         f"-c{row['connections']:<5} {case.clients:11} "
                         f"{row['answered_rps']:6.0f} answered/s {row['refused_rps']:6.0f} "
                         f"refused/s p50 {row['p50_ms']:6.1f} p99 {row['p99_ms']:6.1f} ms "
-                        f"timeouts {row['timeouts']} (wrk {row['wrk_timeouts']}) "
+                        f"timeouts {row['timeouts']} (wrk {row['wrk_timeouts']}, "
+                        f"warm-up {row['warmup_timeouts']}) "
                         f"errors {row['errors']} "
-                        f"cpu {row['server_cores']:.2f}",
+                        f"cpu server {row['server_cores']:.2f} wrk {row['wrk_cores']:.2f} "
+                        f"pg {row['database_cores']:.2f} other {row['other_cores']:.2f}",
                         flush=True,
                     )
     return rows
@@ -233,9 +275,21 @@ def efficiency(row: dict[str, Any]) -> float:
 
 
 def reference_of(rows: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any]:
-    """The 1x run of the same workload in the same round."""
+    """What the 1x runs of the same workload in the same round measured: the two just before
+    and after a case of the shipped server (bracketed), the median of the round's for the other
+    servers' cases (run on servers of their own), the run itself for a 1x run."""
     case = Case(row["case"].workload, 1, "at-once")
-    return next(r for r in rows if r["case"] == case and r["round"] == row["round"])
+    if row["case"] == case:
+        return row
+    references = [r for r in rows if r["case"] == case and r["round"] == row["round"]]
+    if row["case"].server == "shipped":
+        neighbours = [r for r in references if abs(r["position"] - row["position"]) == 1]
+        references = neighbours or references
+    else:
+        references = sorted(references, key=lambda r: r["answered_rps"])
+        references = [references[(len(references) - 1) // 2], references[len(references) // 2]]
+    keys = ("answered_rps", "p99_ms", "answered", "server_cpu_seconds", "server_cores")
+    return {key: statistics.fmean(r[key] for r in references) for key in keys}
 
 
 def fmt(value: float | None, digits: int = 0) -> str:
@@ -243,15 +297,16 @@ def fmt(value: float | None, digits: int = 0) -> str:
 
 
 def overload_table(rows: list[dict[str, Any]], connections: int) -> list[str]:
-    """One line per case, medians across rounds, ratios to the same rounds' 1x runs."""
+    """One line per case, medians across rounds, ratios to the 1x runs around each case."""
     if not rows:
         return ["(not run)"]
     per_refusal = cpu_per_refusal_us(rows)
     lines = [
         "| workload | server | clients | connections | answered/s | ÷ 1x | refused/s "
         "| p50 ms | p99 ms | p99 ÷ 1x | client timeouts | errors | server CPU (cores) "
-        "| answered per server core ÷ 1x | of which refusals (est.) | targets |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| answered per server core ÷ 1x | of which refusals (est.) "
+        "| CPU wrk / PostgreSQL / other (cores) | targets |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for case in [case for cases in plan().values() for case in cases]:
         runs = [r for r in rows if r["case"] == case]
@@ -285,7 +340,9 @@ def overload_table(rows: list[dict[str, Any]], connections: int) -> list[str]:
             f"| {fmt(median(runs, 'p50_ms'), 1)} | {fmt(median(runs, 'p99_ms'), 1)} "
             f"| {p99_ratio:.2f} | {timeouts} | {sum(r['errors'] for r in runs)} "
             f"| {fmt(median(runs, 'server_cores'), 2)} | {per_core_ratio:.2f} "
-            f"| {fmt(refusal_cores, 3)} | {verdict} |"
+            f"| {fmt(refusal_cores, 3)} | {median(runs, 'wrk_cores'):.2f} / "
+            f"{median(runs, 'database_cores'):.2f} / {median(runs, 'other_cores'):.2f} "
+            f"| {verdict} |"
         )
     lines += [
         "",
@@ -307,9 +364,11 @@ def overload_section(rows: list[dict[str, Any]], settings: Settings, pool_size: 
         f"-c{settings.connections}, {rounds} rounds (each a freshly started server per kind of "
         f"server, running its cases in an order rotated every round; wrk `-t{settings.threads} "
         f"--timeout {WRK_TIMEOUT_SECONDS}s`, {settings.warmup} s of warm-up then "
-        f"{settings.seconds} s measured on the same connections, so the steady state and not "
-        "their arrival all at once), medians. Ratios are to the same round's 1x run (plain "
-        "wrk, as shipped). "
+        f"{settings.seconds} s measured on the same connections: the requests sent after the "
+        "warm-up, so the steady state and not their arrival all at once), medians. Each case "
+        "of the server as shipped runs between two 1x runs of its workload on the same server, "
+        "and its ratios are to their mean (the speed of this shared machine drifts by a fifth "
+        "within minutes); the other servers' ratios are to the median of the round's 1x runs. "
         "Percentiles are those of the answered requests alone, each timed against its own "
         "request (bench/overload.lua); a client timeout is a request answered after "
         f"{WRK_TIMEOUT_SECONDS} s or not at all (wrk's own count takes a connection waiting out a "
@@ -323,7 +382,16 @@ def overload_section(rows: list[dict[str, Any]], settings: Settings, pool_size: 
         "",
         *overload_table(rows, settings.connections),
         "",
+        "Requests sent in the warm-ups and answered after "
+        f"{WRK_TIMEOUT_SECONDS} s or not at all (the arrival of every connection at once, not "
+        f"counted above): {warmup_timeouts(rows, shipped=True)} to the server as shipped, "
+        f"{warmup_timeouts(rows, shipped=False)} to the others.",
+        "",
     ]
+
+
+def warmup_timeouts(rows: list[dict[str, Any]], *, shipped: bool) -> int:
+    return sum(r["warmup_timeouts"] for r in rows if (r["case"].server == "shipped") == shipped)
 
 
 def settings_from_environment(

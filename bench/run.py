@@ -59,6 +59,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import asyncpg
 import production
+from overload import CpuClocks as OverloadCpuClocks
 from overload import Settings as OverloadSettings
 from overload import overload_section, replace_section, run_overload
 from overload import settings_from_environment as overload_settings_from_environment
@@ -1216,9 +1217,12 @@ def measure_overload(options: Options, database: Database) -> list[dict[str, Any
         return Server(Target(SERVICE_1.key, SERVICE_1.label, "service", 1, env=env),
                       database.url, options, tag)  # fmt: skip
 
-    return run_overload(
-        overload_settings(options), start, lambda pid: tree_ticks(pid) / CLOCK_TICKS
+    clocks = OverloadCpuClocks(
+        of_tree=lambda pid: tree_ticks(pid) / CLOCK_TICKS,
+        machine=lambda: machine_busy_ticks() / CLOCK_TICKS,
+        database_pid=database.postmaster_pid,
     )
+    return run_overload(overload_settings(options), start, clocks)
 
 
 def overload_report(options: Options, rows: list[dict[str, Any]]) -> list[str]:
