@@ -36,6 +36,8 @@ REASONS = (QUEUE_DELAY, IN_FLIGHT_LIMIT)
 MIN_QUEUE_PER_CONNECTION = 6
 # Held refusals end on ticks of refusal_delay / REFUSAL_TICKS (see Admission.hold).
 REFUSAL_TICKS = 10
+# A refusal is held refusal_delay give or take this share of it, at random (Admission.hold).
+REFUSAL_SPREAD = 0.15
 
 
 class Queue(Protocol):
@@ -191,17 +193,18 @@ class Admission:
             self.shedding = False
 
     def hold(self) -> float:
-        """Seconds to hold the next refusal: `refusal_delay`, give or take a quarter of it at
-        random, so that clients refused in the same instant do not all come back in the same
-        instant (and the longest hold stays well below a 2 s client timeout); ending on a tick
-        of a tenth of `refusal_delay`. The refusals due in one tick are sent in one turn of the
-        event loop, and the clients that resend at once come back together, so the loop wakes
-        once for many instead of twice for each: a held refusal costs about half the CPU it
-        costs one by one (90 against 190 us, measured with 1,024 clients).
+        """Seconds to hold the next refusal: `refusal_delay`, give or take REFUSAL_SPREAD of it
+        at random, so that clients refused in the same instant do not all come back in the same
+        instant (and the longest hold, 1.725 s by default, stays below a 2 s client timeout);
+        ending on a tick of a tenth of `refusal_delay`. The refusals due in one tick are sent in
+        one turn of the event loop, and the clients that resend at once come back together, so
+        the loop wakes once for many instead of twice for each: a held refusal costs about half
+        the CPU it costs one by one (90 against 190 us, measured with 1,024 clients).
         """
         now = self.clock()
-        earliest = now + self.refusal_delay * 0.75
-        due = earliest + self.refusal_delay * random.random() / 2  # noqa: S311 (spread, not secret)
+        earliest = now + self.refusal_delay * (1 - REFUSAL_SPREAD)
+        spread = self.refusal_delay * 2 * REFUSAL_SPREAD * random.random()  # noqa: S311 (not secret)
+        due = earliest + spread
         tick = self.refusal_delay / REFUSAL_TICKS
         on_tick = math.floor(due / tick) * tick
         return (on_tick if on_tick >= earliest else on_tick + tick) - now
