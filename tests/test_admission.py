@@ -45,6 +45,14 @@ def admission(clock: Clock, **overrides: float) -> Admission:
     return admitting
 
 
+def admission_with_queue() -> tuple[Clock, Admission, Queue]:
+    """A clock, admission as configured above on it, and the queue it reads."""
+    clock = Clock()
+    admitting = admission(clock)
+    assert isinstance(admitting.queue, Queue)
+    return clock, admitting, admitting.queue
+
+
 def leases(
     admitting: Admission, clock: Clock, wait: float, seconds: float, hold: float = HOLD
 ) -> None:
@@ -57,10 +65,7 @@ def leases(
 
 
 def test_a_queue_above_the_target_for_less_than_an_interval_is_absorbed() -> None:
-    clock = Clock()
-    admitting = admission(clock)
-    queue = admitting.queue
-    assert isinstance(queue, Queue)
+    clock, admitting, queue = admission_with_queue()
     leases(admitting, clock, 0.0, 0.2)
     queue.waiting = 500
     leases(admitting, clock, 0.5, 0.09)  # a burst: every wait far above the target
@@ -72,10 +77,7 @@ def test_a_queue_above_the_target_for_less_than_an_interval_is_absorbed() -> Non
 
 
 def test_a_standing_queue_is_cut_to_what_the_pool_serves_within_the_target() -> None:
-    clock = Clock()
-    admitting = admission(clock)
-    queue = admitting.queue
-    assert isinstance(queue, Queue)
+    clock, admitting, queue = admission_with_queue()
     leases(admitting, clock, 0.0, 0.2)
     queue.waiting = 200
     leases(admitting, clock, 0.030, INTERVAL + 0.001)
@@ -97,10 +99,7 @@ def test_a_standing_queue_is_cut_to_what_the_pool_serves_within_the_target() -> 
 
 
 def test_shedding_ends_once_refused_clients_could_have_come_back_and_were_not_refused() -> None:
-    clock = Clock()
-    admitting = admission(clock)
-    queue = admitting.queue
-    assert isinstance(queue, Queue)
+    clock, admitting, queue = admission_with_queue()
     leases(admitting, clock, 0.0, 0.2)
     queue.waiting = 200
     leases(admitting, clock, 0.030, INTERVAL + 0.001)
@@ -120,10 +119,7 @@ def test_shedding_ends_once_refused_clients_could_have_come_back_and_were_not_re
 def test_a_few_waiters_per_connection_are_never_cut_however_long_they_wait() -> None:
     # 64 clients sending again at once on a pool of 10 keep at most 54 waiting. On a machine
     # busy with other work each lease takes 5 ms, and they wait 27 ms, above the target.
-    clock = Clock()
-    admitting = admission(clock)
-    queue = admitting.queue
-    assert isinstance(queue, Queue)
+    clock, admitting, queue = admission_with_queue()
     queue.waiting = 54
     leases(admitting, clock, 0.027, 0.5, hold=0.005)
     assert not admitting.shedding and admitting.sheds == 0
@@ -141,10 +137,7 @@ def test_a_few_waiters_per_connection_are_never_cut_however_long_they_wait() -> 
 
 
 def test_the_minimum_queue_holds_when_one_lease_outlasts_the_target() -> None:
-    clock = Clock()
-    admitting = admission(clock)
-    queue = admitting.queue
-    assert isinstance(queue, Queue)
+    clock, admitting, queue = admission_with_queue()
     queue.waiting = 100
     for _ in range(100):
         clock.now += 0.01
