@@ -254,13 +254,14 @@ def median(rows: Iterable[dict[str, Any]], key: str) -> float:
     return float(statistics.median(row[key] for row in rows))
 
 
-def cpu_per_refusal_us(rows: list[dict[str, Any]]) -> float | None:
-    """The server's CPU time per refusal, in microseconds, where refusals are not held and so
-    dominate it: what it spent beyond its answers (each costing what one did in the same round's
-    1x run), divided by its refusals; the median over rounds."""
+def cpu_per_refusal_us(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> float | None:
+    """The server's CPU time per refusal in `runs`, in microseconds: what it spent beyond its
+    answers (each costing what one did in the 1x runs it is compared with), divided by its
+    refusals; the median over rounds. Where refusals are held this takes in whatever else the
+    overload cost (more connections, a machine shared with more of wrk's work)."""
     costs = []
-    for row in rows:
-        if row["case"].server != "unheld" or not row["refused"]:
+    for row in runs:
+        if not row["refused"]:
             continue
         reference = reference_of(rows, row)
         per_answer = reference["server_cpu_seconds"] / max(reference["answered"], 1)
@@ -300,11 +301,11 @@ def overload_table(rows: list[dict[str, Any]], connections: int) -> list[str]:
     """One line per case, medians across rounds, ratios to the 1x runs around each case."""
     if not rows:
         return ["(not run)"]
-    per_refusal = cpu_per_refusal_us(rows)
+    per_refusal = cpu_per_refusal_us(rows, [r for r in rows if r["case"].server == "unheld"])
     lines = [
         "| workload | server | clients | connections | answered/s | ÷ 1x | refused/s "
         "| p50 ms | p99 ms | p99 ÷ 1x | client timeouts | errors | server CPU (cores) "
-        "| answered per server core ÷ 1x | of which refusals (est.) "
+        "| answered per server core ÷ 1x | server CPU per refusal (µs) "
         "| CPU wrk / PostgreSQL / other (cores) | targets |",
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
@@ -322,9 +323,7 @@ def overload_table(rows: list[dict[str, Any]], connections: int) -> list[str]:
             efficiency(r) / efficiency(reference_of(rows, r)) for r in runs
         )
         timeouts = sum(r["timeouts"] for r in runs)
-        refusal_cores = (
-            median(runs, "refused_rps") * per_refusal / 1e6 if per_refusal is not None else None
-        )
+        refusal_us = cpu_per_refusal_us(rows, runs)
         verdict = ""
         if case.multiple > 1 and case.server == "shipped":
             met = (
@@ -340,15 +339,17 @@ def overload_table(rows: list[dict[str, Any]], connections: int) -> list[str]:
             f"| {fmt(median(runs, 'p50_ms'), 1)} | {fmt(median(runs, 'p99_ms'), 1)} "
             f"| {p99_ratio:.2f} | {timeouts} | {sum(r['errors'] for r in runs)} "
             f"| {fmt(median(runs, 'server_cores'), 2)} | {per_core_ratio:.2f} "
-            f"| {fmt(refusal_cores, 3)} | {median(runs, 'wrk_cores'):.2f} / "
+            f"| {fmt(refusal_us)} | {median(runs, 'wrk_cores'):.2f} / "
             f"{median(runs, 'database_cores'):.2f} / {median(runs, 'other_cores'):.2f} "
             f"| {verdict} |"
         )
     lines += [
         "",
-        f"A refusal costs {fmt(per_refusal, 0)} µs of the server's CPU (from the run whose "
-        "refusals are not held, where they take most of it: its CPU beyond what its answers "
-        "cost at 1x, per refusal); the column before the targets is that times refused/s.",
+        "Server CPU per refusal: what the server spent beyond its answers (each costing what "
+        "one did in the 1x runs the case is compared with), per refusal. Where refusals are "
+        "not held they take most of the CPU, and that figure is what a refusal alone costs: "
+        f"{fmt(per_refusal, 0)} µs; where they are held it takes in whatever else the overload "
+        "cost (more connections, and wrk's work on the same two cores).",
     ]
     return lines
 
