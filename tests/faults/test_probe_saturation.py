@@ -21,9 +21,10 @@ import httpx
 import pytest
 from sqlalchemy.engine import URL
 
-from service.health import READINESS_MAX_AGE_SECONDS, READINESS_TIMEOUT_SECONDS
+from service.health import READINESS_MAX_AGE_SECONDS
 from tests.conftest import AUTH, PROJECT_ROOT, asyncpg_dsn, run_service, service_environment
 from tests.faults.kubelet import PERIOD_SECONDS as KUBELET_PERIOD_SECONDS
+from tests.faults.kubelet import TIMEOUT_SECONDS as KUBELET_TIMEOUT_SECONDS
 from tests.faults.report import record, status_counts
 from tests.faults.support import ControlledPostgres, Outcome, backends_gone, seed_rows, send
 
@@ -117,9 +118,10 @@ async def test_readiness_does_not_queue_behind_a_saturated_pool(
 FLOOD_CALLERS = 200
 FLOOD_SECONDS = 4.0
 KUBELET_BOUND_SECONDS = 1.0
-# While the database stops and starts, a check can wait for it until its own timeout: the probe
-# then takes that long, still well within the kubelet's 2 s.
-KUBELET_BOUND_IN_OUTAGE_SECONDS = READINESS_TIMEOUT_SECONDS + 0.25
+# While the database stops and starts, a check can wait for it until its own 1 s timeout, and
+# under the flood the loop adds its own turns before and after (CI once measured 1.33 s): the bound
+# is the kubelet's timeout, past which the probe would count as failed whatever it said.
+KUBELET_BOUND_IN_OUTAGE_SECONDS = KUBELET_TIMEOUT_SECONDS
 # Transactions that are not readiness checks: the service's start (its wait for the database,
 # the expiry of idempotency keys) and this test's own stats reads.
 OTHER_TRANSACTIONS = 25
@@ -272,6 +274,7 @@ async def test_under_a_flood_readiness_follows_the_database_within_its_interval(
     assert before and set(before) == {200}, seen
     assert while_down and set(while_down) == {503}, seen
     assert after and set(after) == {200}, seen
+    assert None not in {p.status for p in kubelet}, seen  # every probe answered in time
     assert slowest < KUBELET_BOUND_IN_OUTAGE_SECONDS, seen
     record(
         "Fault 8",
@@ -280,5 +283,6 @@ async def test_under_a_flood_readiness_follows_the_database_within_its_interval(
         sum(flood.values()) + len(kubelet),
         status_counts([p.status for p in kubelet] + list(flood.elements())),
         f"kubelet: 200 before, 503 from {READINESS_MAX_AGE_SECONDS:g} s after the stop, 200 "
-        f"again within 1 s of the start; slowest probe {slowest:.3f} s",
+        f"again within 1 s of the start; slowest probe {slowest:.3f} s (bound "
+        f"{KUBELET_BOUND_IN_OUTAGE_SECONDS:g} s, the kubelet's timeout)",
     )
