@@ -117,6 +117,11 @@ class Target:
 SERVICE_1 = Target("service-1", "service, 1 worker", "service", 1)
 SERVICE_2 = Target("service-2", "service, 2 workers", "service", 2)
 BASELINE = Target("baseline", "baseline (bare ASGI + asyncpg)", "baseline", 1)
+# The same stack as the service written the plain documented way (bench/stack_floor.py): what a
+# request costs before anything the service adds. Not in the default rounds: `--only` adds it.
+STACK_FLOOR = Target(
+    "stack-floor", "stack floor (Litestar + AsyncSession, nothing else)", "stack-floor", 1
+)
 # Reads on a streaming replica of the same PostgreSQL, on the same machine: what routing and the
 # Consistency-Token cost, not what a replica on its own hardware would gain.
 SERVICE_REPLICA = Target(
@@ -258,7 +263,7 @@ class Server:
             env["WORKERS"] = str(target.workers)
             self.argv = [sys.executable, "-m", "service"]
         else:
-            self.argv = [sys.executable, str(BENCH / "baseline.py")]
+            self.argv = [sys.executable, str(BENCH / f"{target.kind.replace('-', '_')}.py")]
         self.env = env
         self.database_url = database_url
         self.replica_url = options.replica_url
@@ -1157,7 +1162,8 @@ def parse_options() -> Options:
     parser.add_argument(
         "--only",
         default="service-1,service-2,baseline,service-replica",
-        help="comma-separated targets to run (service-1, service-2, baseline, service-replica)",
+        help="comma-separated targets to run (service-1, service-2, baseline, service-replica, "
+        "stack-floor)",
     )
     parser.add_argument(
         "--candidate",
@@ -1170,7 +1176,7 @@ def parse_options() -> Options:
     parser.add_argument("--output", type=Path, default=None, help="the Markdown report")
     production.add_arguments(parser)
     args = parser.parse_args()
-    known = {t.key: t for t in (SERVICE_1, SERVICE_2, BASELINE, SERVICE_REPLICA)}
+    known = {t.key: t for t in (SERVICE_1, SERVICE_2, BASELINE, SERVICE_REPLICA, STACK_FLOOR)}
     try:
         targets = [known[key.strip()] for key in args.only.split(",") if key.strip()]
     except KeyError as exc:
