@@ -132,6 +132,9 @@ SERVERS = {
     ),
     "direct": ("service, DB_POOLER=none", "service", "none"),
     "baseline": ("baseline (bare ASGI + asyncpg)", "baseline", None),
+    # What one worker of the service's stack does with nothing of the service's own
+    # (bench/stack_floor.py): where it, too, falls short of a target, so does the stack.
+    "floor": ("stack floor (Litestar + AsyncSession, nothing else)", "stack-floor", None),
 }
 
 
@@ -139,9 +142,11 @@ def plan(bench: ModuleType, rtts_ms: tuple[float, ...]) -> list[Setup]:
     """Every setup of the section, in the order they run: what is compared runs side by side
     (the service through PgBouncer between its direct row and the baseline the same way)."""
     wanted = [("direct", False, 0.0), ("service", True, 0.0), ("baseline", True, 0.0),
-              ("baseline", False, 0.0), ("unprepared", True, 0.0)]  # fmt: skip
+              ("baseline", False, 0.0), ("unprepared", True, 0.0),
+              ("floor", True, 0.0)]  # fmt: skip
     for rtt in rtts_ms:
-        wanted += [("service", True, rtt), ("baseline", True, rtt), ("unprepared", True, rtt)]
+        wanted += [("service", True, rtt), ("baseline", True, rtt), ("unprepared", True, rtt),
+                   ("floor", True, rtt)]  # fmt: skip
     setups = []
     for server, pooled, rtt in wanted:
         label, kind, pooler = SERVERS[server]
@@ -733,7 +738,7 @@ def report(raw: dict[str, Any], only: bool, when: str) -> list[str]:
     ]
     loopback = [
         ("direct", False), ("baseline", False), ("service", True), ("unprepared", True),
-        ("baseline", True),
+        ("baseline", True), ("floor", True),
     ]  # fmt: skip
     for workload in WORKLOADS:
         for server, pooled in loopback:
@@ -758,9 +763,14 @@ def row_line(summary: Summary, key: str, workload: str, pooled: bool) -> str:
     setup = summary.setups[key]
     label = SERVERS[setup["server"]][0]
     base = key_of("baseline", pooled, setup["rtt_ms"])
-    # The same server's direct row: the baseline's own, the service's in DB_POOLER=none.
+    # The same server's direct row: the baseline's own, the service's in DB_POOLER=none (the
+    # stack floor runs through PgBouncer only).
     direct = key_of("baseline" if setup["server"] == "baseline" else "direct", False, 0)
-    of_direct = "1" if key == direct else fmt(summary.paired(key, direct, workload), 2)
+    of_direct = (
+        "1" if key == direct
+        else "n/a" if setup["server"] == "floor"
+        else fmt(summary.paired(key, direct, workload), 2)
+    )  # fmt: skip
     of_base = "1" if setup["server"] == "baseline" else fmt(summary.paired(key, base, workload), 2)
     trips = summary.round_trips(key, workload)
     parts = " / ".join(fmt(cpu(runs, p), 2) for p in ("server", "pgbouncer", "postgres"))
@@ -835,7 +845,7 @@ def rtt_lines(summary: Summary, rtt: float) -> list[str]:
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|---|",
     ]
     for workload in WORKLOADS:
-        for server in ("service", "unprepared", "baseline"):
+        for server in ("service", "unprepared", "baseline", "floor"):
             key = key_of(server, True, rtt)
             runs = summary.runs(key, workload)
             if not runs:
