@@ -70,10 +70,10 @@ rehearse: $(STAMP)
 # The service (1 and 2 workers) against a bare ASGI + asyncpg baseline under wrk, interleaved
 # rounds on one embedded PostgreSQL, then the overload section (bench/overload.py: reads and
 # batches at 1, 4 and 16 times -c64, two kinds of clients), the production path (PgBouncer 1.24.1
-# in both pooler modes, database round trips of 1 and 4 ms; tests/build-pgbouncer.sh builds it
-# once), tracing's cost and profiles; about 38 minutes; writes bench/RESULTS.md. One section
-# alone: .venv/bin/python bench/run.py --only-overload (about 13 minutes), --only-production
-# (about 11), --only-tracing.
+# in both pooler modes with the baseline and the stack floor, database round trips of 1 and 4 ms;
+# tests/build-pgbouncer.sh builds it once), tracing's cost and profiles; about 41 minutes;
+# writes bench/RESULTS.md. One section alone: .venv/bin/python bench/run.py --only-overload
+# (about 13 minutes), --only-production (about 13), --only-tracing.
 bench: $(STAMP) .venv-bench/.installed
 	$(BIN)/python bench/run.py
 
