@@ -555,6 +555,15 @@ def run_rounds(
     return rows
 
 
+def setup_records(setups: list[Setup]) -> list[dict[str, Any]]:
+    """The setups as the raw results keep them (JSON, read back by `Summary`)."""
+    return [
+        {"key": s.key, "label": s.target.label, "server": s.server, "pooled": s.pooled,
+         "rtt_ms": s.rtt_ms}
+        for s in setups
+    ]  # fmt: skip
+
+
 def run(bench: ModuleType, options: Any, database: Any) -> dict[str, Any]:
     """The whole section: PgBouncer, the proxies, round trips, rounds. Its raw results."""
     settings: Settings = options.production
@@ -577,16 +586,7 @@ def run(bench: ModuleType, options: Any, database: Any) -> dict[str, Any]:
             "pgbouncer": network.pgbouncer.version,
             "pgbouncer_settings": network.pgbouncer.settings,
             "pool": pool,
-            "setups": [
-                {
-                    "key": s.key,
-                    "label": s.target.label,
-                    "server": s.server,
-                    "pooled": s.pooled,
-                    "rtt_ms": s.rtt_ms,
-                }
-                for s in setups
-            ],
+            "setups": setup_records(setups),
             "round_trips": counted,
             "rows": rows,
             "settings": {

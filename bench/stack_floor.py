@@ -21,42 +21,28 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import msgspec
 import uvicorn
-from baseline import UPDATE_ITEM_VALUES, asyncpg_dsn
+from baseline import (
+    INT4_MAX,
+    MAX_BATCH,
+    UPDATE_ITEM_VALUES,
+    Item,
+    ItemPage,
+    UpdateResult,
+    ValueUpdate,
+    asyncpg_dsn,
+)
 from litestar import Litestar, Request, get, patch
 from litestar.exceptions import HTTPException
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
-INT4_MAX = 2_147_483_647
-MAX_BATCH = 1000
 # The service's statements (service/queries.py), with SQLAlchemy's named parameters.
 SELECT_ITEMS_ABOVE_VALUE = text(
     "SELECT id, name, value::float8 AS value FROM playing_with_neon "
     "WHERE value > CAST(:value AS float8) AND id > :after_id ORDER BY id LIMIT :limit"
 )
 UPDATE_ITEM_VALUES_NAMED = text(UPDATE_ITEM_VALUES.replace("$1", ":ids").replace("$2", ":values"))
-
-
-class Item(msgspec.Struct):
-    id: int
-    name: str
-    value: float
-
-
-class ItemPage(msgspec.Struct):
-    items: list[Item]
-    next_after_id: int | None
-
-
-class ValueUpdate(msgspec.Struct, forbid_unknown_fields=True):
-    id: int
-    value: float
-
-
-class UpdateResult(msgspec.Struct):
-    updated: int
 
 
 engine = create_async_engine(

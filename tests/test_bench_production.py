@@ -9,7 +9,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from production import SERVERS, key_of, plan, report
+from production import SERVERS, key_of, plan, report, setup_records
 
 
 @dataclass(frozen=True)
@@ -82,16 +82,7 @@ def raw_run(rtts_ms: tuple[float, ...], rounds: int = 2) -> dict[str, Any]:
             "default_pool_size": 20,
         },
         "pool": POOL,
-        "setups": [
-            {
-                "key": s.key,
-                "label": s.target.label,
-                "server": s.server,
-                "pooled": s.pooled,
-                "rtt_ms": s.rtt_ms,
-            }
-            for s in setups
-        ],
+        "setups": setup_records(setups),
         "round_trips": {
             s.key: {"read": trips, "batch": trips, "statuses": {"read 200": 200}}
             for s in setups
