@@ -216,7 +216,10 @@ async def read_body(receive: Any) -> bytes:
 
 app = Baseline()
 
-if __name__ == "__main__":
+
+def serve(app: Any) -> None:
+    """Serve `app` as every server of the benchmark is served: one uvicorn worker (uvloop,
+    httptools), no access log, on HOST:PORT."""
     uvicorn.run(
         app,
         host=os.environ.get("HOST", "127.0.0.1"),
@@ -228,3 +231,7 @@ if __name__ == "__main__":
         server_header=False,
         log_level="warning",
     )
+
+
+if __name__ == "__main__":
+    serve(app)

@@ -21,7 +21,6 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import uvicorn
 from baseline import (
     INT4_MAX,
     MAX_BATCH,
@@ -31,6 +30,7 @@ from baseline import (
     UpdateResult,
     ValueUpdate,
     asyncpg_dsn,
+    serve,
 )
 from litestar import Litestar, Request, get, patch
 from litestar.exceptions import HTTPException
@@ -102,14 +102,4 @@ async def dispose_engine(app: Litestar) -> AsyncIterator[None]:
 app = Litestar([list_items, update_values], lifespan=[dispose_engine])
 
 if __name__ == "__main__":
-    uvicorn.run(
-        app,
-        host=os.environ.get("HOST", "127.0.0.1"),
-        port=int(os.environ.get("PORT", "8001")),
-        workers=1,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        server_header=False,
-        log_level="warning",
-    )
+    serve(app)
