@@ -139,7 +139,7 @@ class Settings:
     # Milliseconds of queue delay for a database connection that admission keeps a standing
     # queue to: the excess is refused with 503 once no request got a connection within it for
     # ADMISSION_INTERVAL_MS (service.admission); 0 turns this shedding off.
-    admission_target_ms: Annotated[int, Meta(ge=0, le=60_000)] = 20
+    admission_target_ms: Annotated[int, Meta(ge=0, le=60_000)] = 10
     # Milliseconds the queue delay must stay above the target before requests are refused:
     # bursts that drain within it are absorbed. At least ADMISSION_TARGET_MS.
     admission_interval_ms: Annotated[int, Meta(ge=1, le=60_000)] = 100

@@ -26,7 +26,7 @@ from service.health import Readiness
 from service.replica import Replica
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-# The queue delay admission follows: finer around its target (ADMISSION_TARGET_MS, 20 ms).
+# The queue delay admission follows: finer around its target (ADMISSION_TARGET_MS, 10 ms).
 QUEUE_DELAY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -266,7 +266,7 @@ def test_in_flight_limit_follows_the_pool_unless_set() -> None:
 
 def test_admission_settings_default_and_can_be_turned_off() -> None:
     settings = settings_from({})
-    assert (settings.admission_target_ms, settings.admission_interval_ms) == (20, 100)
+    assert (settings.admission_target_ms, settings.admission_interval_ms) == (10, 100)
     assert settings.admission_refusal_delay_ms == 1500
     settings = settings_from({"ADMISSION_TARGET_MS": "0", "ADMISSION_REFUSAL_DELAY_MS": "0"})
     assert (settings.admission_target_ms, settings.admission_refusal_delay_ms) == (0, 0)
