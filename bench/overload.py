@@ -313,15 +313,14 @@ def overload_table(rows: list[dict[str, Any]], connections: int) -> list[str]:
         runs = [r for r in rows if r["case"] == case]
         if not runs:
             continue
+        compared = [(r, reference_of(rows, r)) for r in runs]
         answered_ratio = statistics.median(
-            r["answered_rps"] / reference_of(rows, r)["answered_rps"] for r in runs
+            r["answered_rps"] / ref["answered_rps"] for r, ref in compared
         )
-        p99_ratio = statistics.median(r["p99_ms"] / reference_of(rows, r)["p99_ms"] for r in runs)
+        p99_ratio = statistics.median(r["p99_ms"] / ref["p99_ms"] for r, ref in compared)
         # Answers per second of the server's CPU, against 1x: what the overload itself costs,
         # whatever share of the cores the server got (on a machine shared with other work).
-        per_core_ratio = statistics.median(
-            efficiency(r) / efficiency(reference_of(rows, r)) for r in runs
-        )
+        per_core_ratio = statistics.median(efficiency(r) / efficiency(ref) for r, ref in compared)
         timeouts = sum(r["timeouts"] for r in runs)
         refusal_us = cpu_per_refusal_us(rows, runs)
         verdict = ""

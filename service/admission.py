@@ -141,14 +141,13 @@ class Admission:
         it anyway)."""
         if self.queue is None or not self.mean_hold:
             return float("inf")
-        size = self.queue.size
-        return max(self.target * size / self.mean_hold, MIN_QUEUE_PER_CONNECTION * size)
+        return max(self.target * self.queue.size / self.mean_hold, _never_cut(self.queue))
 
     def _queue_is_short(self) -> bool:
         """Fewer waiters than the queue admission never cuts: not a queue to shed, whatever it
         waited."""
         queue = self.queue
-        return queue is not None and queue.waiting < MIN_QUEUE_PER_CONNECTION * queue.size
+        return queue is not None and queue.waiting < _never_cut(queue)
 
     def observe_hold(self, seconds: float) -> None:
         """A lease held its connection `seconds`."""
@@ -208,3 +207,8 @@ class Admission:
         tick = self.refusal_delay / REFUSAL_TICKS
         on_tick = math.floor(due / tick) * tick
         return (on_tick if on_tick >= earliest else on_tick + tick) - now
+
+
+def _never_cut(queue: Queue) -> int:
+    """The waiters admission never cuts: MIN_QUEUE_PER_CONNECTION per pooled connection."""
+    return MIN_QUEUE_PER_CONNECTION * queue.size
